@@ -1,0 +1,228 @@
+"""The run configuration: typed dataclasses, loaded from YAML, with dotted command-line overrides.
+
+Unknown keys, wrong types and impossible values are errors that name the key, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/galaxy10_128.h5"
+    batch_size: int = 64  # global: split evenly over the ranks
+    num_workers: int = 2
+    eval_batch_size: int = 256  # global, for validation and test
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    dropout: float = 0.4
+
+
+@dataclass
+class AugmentConfig:
+    hflip: float = 0.5  # probability
+    vflip: float = 0.5
+    rotate: float = 180.0  # degrees: uniform in [-rotate, rotate]
+
+
+@dataclass
+class StageConfig:
+    name: str = "train"
+    lr: float = 1e-3
+    max_epochs: int = 50
+    patience: int = 5
+
+
+@dataclass
+class TrackingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "galaxydist"
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DistributedConfig:
+    timeout_s: float = 600.0  # a collective waiting longer than this fails instead of hanging
+
+
+@dataclass
+class SpeedConfig:
+    """GPU fast-path switches; `auto` means on for CUDA, off on CPU."""
+
+    bf16: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    resident: Literal["auto", "on", "off"] = "auto"  # keep the whole split on the device
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "runs/galaxy10"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stages: list[StageConfig] = field(
+        default_factory=lambda: [StageConfig("train", 1e-3, 50, 5), StageConfig("finetune", 5e-4, 50, 5)]
+    )
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type hint `hint`, building nested dataclasses; errors name `key`."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        return _convert(value, next(o for o in options if o is not type(None)), key)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = " | ".join(map(str, typing.get_args(hint)))
+            raise UserError(f"config key {key!r}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key {key!r}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise UserError(f"config key {key!r}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        name = f"{prefix}.{sorted(unknown)[0]}" if prefix else sorted(unknown)[0]
+        raise UserError(f"unknown config key {name!r}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    """Values that are well typed but impossible."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "distributed.timeout_s": cfg.distributed.timeout_s,
+    }
+    for i, stage in enumerate(cfg.stages):
+        positive |= {f"stages.{i}.lr": stage.lr, f"stages.{i}.max_epochs": stage.max_epochs}
+        if stage.patience < 1:
+            raise UserError(f"config key 'stages.{i}.patience': must be at least 1, got {stage.patience}")
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key {key!r}: must be positive, got {value}")
+    if cfg.data.num_workers < 0:
+        raise UserError(f"config key 'data.num_workers': must be >= 0, got {cfg.data.num_workers}")
+    if not cfg.stages:
+        raise UserError("config key 'stages': at least one stage is needed")
+    if not cfg.model.channels or min(cfg.model.channels) < 1:
+        raise UserError(f"config key 'model.channels': must be positive sizes, got {cfg.model.channels}")
+    for key in ("hflip", "vflip"):
+        if not 0.0 <= getattr(cfg.augment, key) <= 1.0:
+            raise UserError(
+                f"config key 'augment.{key}': a probability in [0, 1], got {getattr(cfg.augment, key)}"
+            )
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise UserError(f"config key 'model.dropout': must be in [0, 1), got {cfg.model.dropout}")
+    if not 0.0 <= cfg.augment.rotate <= 180.0:
+        raise UserError(f"config key 'augment.rotate': degrees in [0, 180], got {cfg.augment.rotate}")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `stages.0.lr` style keys inside nested dicts and lists."""
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        try:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        except (IndexError, ValueError):
+            raise UserError(f"config override {dotted!r}: no such key {part!r}") from None
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (IndexError, ValueError):
+            raise UserError(f"config override {dotted!r}: no such index {last!r}") from None
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise UserError(f"config override {dotted!r}: {'.'.join(parents)!r} is not a section")
+
+
+def default_config_path() -> Path:
+    """The baseline recipe, shipped inside the package so it works outside a checkout."""
+    return Path(str(resources.files("galaxydist") / "configs" / "galaxy10.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """YAML (safe_load) + `key=value` overrides, checked into a Config."""
+    path = Path(path) if path is not None else default_config_path()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise UserError(f"{path}: cannot read config ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of keys")
+    data = _with_defaults(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"config override {item!r}: expected key=value")
+        _set_dotted(data, key, yaml.safe_load(raw))
+    cfg = _build(Config, data)
+    _check(cfg)
+    return cfg
+
+
+def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Start from the defaults so that an override may name a key the YAML leaves out."""
+    base = Config().to_dict()
+    for key, value in data.items():
+        if key in base and isinstance(base[key], dict) and isinstance(value, dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with a checkpoint."""
+    cfg = _build(Config, data)
+    _check(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

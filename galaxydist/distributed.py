@@ -1,0 +1,153 @@
+"""Everything that talks to torch.distributed: set-up from torchrun/SLURM env vars, synchronised
+BatchNorm on any backend, reductions, and decisions every rank takes together.
+
+Without RANK/WORLD_SIZE in the environment the run is one process and every helper is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def setup(timeout_s: float = 600.0, use_cuda: bool | None = None) -> Context:
+    """Join the process group torchrun (or SLURM via submitit) described in the environment."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if use_cuda else None,
+        )
+    return Context(rank, world_size, local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def split_batch(global_batch: int, ctx: Context, key: str = "data.batch_size") -> int:
+    if global_batch % ctx.world_size:
+        raise UserError(
+            f"config key {key!r}: global batch {global_batch} does not divide over {ctx.world_size} ranks"
+        )
+    return global_batch // ctx.world_size
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (identity for one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank: one decision, taken together."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the global batch for any backend (torch's SyncBatchNorm is CUDA-only).
+
+    Training statistics are all-reduced with the differentiable all_reduce, so forward and
+    backward equal one BatchNorm over the concatenation of every rank's batch. Evaluation uses the
+    running statistics and makes no collective call.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
+        stats = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))
+        total = stats[-1]
+        mean = stats[:-1] / total
+        centred = x - mean.view(1, -1, 1, 1)
+        var = dist_fn.all_reduce(centred.pow(2).sum(dims)) / total
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * total / (total - 1), alpha=m)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def _to_global_batchnorm(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
+        replacement = GlobalBatchNorm2d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        replacement.load_state_dict(module.state_dict())
+        return replacement
+    for name, child in module.named_children():
+        setattr(module, name, _to_global_batchnorm(child))
+    return module
+
+
+def wrap_model(model: nn.Module, ctx: Context) -> nn.Module:
+    """Synchronised BatchNorm + DDP when there are several ranks; the plain model otherwise."""
+    model = model.to(ctx.device)
+    if not dist.is_initialized():
+        return model
+    if ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[ctx.local_rank], broadcast_buffers=False)
+    model = _to_global_batchnorm(model)
+    return DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model

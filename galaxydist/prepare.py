@@ -1,0 +1,188 @@
+"""Turn a Galaxy10-format HDF5 file into the prepared, memory-mappable training file.
+
+    python -m galaxydist.prepare SRC.h5 DST.h5 --crop 128 [--seed 0] [--force]
+
+The source is read in slabs aligned to its chunks (memory bounded whatever N is); the output is
+written to a temporary file and renamed into place, so DST is either absent or complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_path
+from .data import FORMAT_VERSION, SPLITS
+from .errors import UserError, run_cli
+from .galaxy10 import CLASS_NAMES, IMAGES_KEY, LABELS_KEY, OPTIONAL_COLUMNS
+from .progress import track
+
+SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}
+SLAB_BYTES = 64 * 2**20
+
+
+def stratified_split(labels: np.ndarray, num_classes: int, seed: int) -> dict[str, np.ndarray]:
+    """70/15/15 within each class (rounded, at least one per split), as sorted row indices."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    for c in range(num_classes):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        n_val, n_test = (max(1, round(frac * len(rows))) for frac in SPLIT_FRACTIONS.values())
+        parts["val"].append(rows[:n_val])
+        parts["test"].append(rows[n_val : n_val + n_test])
+        parts["train"].append(rows[n_val + n_test :])
+    return {name: np.sort(np.concatenate(p)).astype(np.int64) for name, p in parts.items()}
+
+
+def class_weights(train_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """w_c = N / (K · N_c): each class contributes equally to the weighted loss."""
+    counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
+    return len(train_labels) / (num_classes * counts)
+
+
+def validate_labels(labels: np.ndarray, class_names: Sequence[str], source: str) -> None:
+    """Labels in range, and every class large enough to appear in train, val and test."""
+    k = len(class_names)
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        bad = labels[(labels < 0) | (labels >= k)][0]
+        raise UserError(f"{source}: label {bad} is outside [0, {k}) for {k} classes")
+    counts = np.bincount(labels, minlength=k)
+    for c, n in enumerate(counts):
+        if n < len(SPLITS):
+            raise UserError(
+                f"{source}: class {c} ({class_names[c]}) has {n} images; "
+                f"each class needs at least {len(SPLITS)} to appear in every split"
+            )
+
+
+def open_source(path: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise UserError(f"{path}: file not found")
+    if not h5py.is_hdf5(path):
+        raise UserError(f"{path}: not an HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read, truncated or damaged ({err})") from None
+
+
+def check_schema(src: h5py.File, path: str, crop: int) -> tuple[h5py.Dataset, np.ndarray]:
+    """The Galaxy10 layout: images (N, H, W, 3) uint8 and integer labels of length N."""
+    for key in (IMAGES_KEY, LABELS_KEY):
+        if key not in src:
+            raise UserError(f"{path}: missing dataset {key!r} (Galaxy10 files hold 'images' and 'ans')")
+    images, ans = src[IMAGES_KEY], src[LABELS_KEY]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"{path}: 'images' has shape {images.shape}, expected (N, H, W, 3)")
+    if images.dtype != np.uint8:
+        raise UserError(f"{path}: 'images' has dtype {images.dtype}, expected uint8")
+    if ans.ndim != 1 or not np.issubdtype(ans.dtype, np.integer):
+        raise UserError(f"{path}: 'ans' must be a 1-D integer array, got {ans.dtype} {ans.shape}")
+    if len(ans) != len(images):
+        raise UserError(f"{path}: {len(images)} images but {len(ans)} labels")
+    if not 0 < crop <= min(images.shape[1:3]):
+        raise UserError(f"{path}: crop {crop} does not fit images of {images.shape[1]}×{images.shape[2]}")
+    try:
+        labels = ans[()].astype(np.int64)
+    except OSError as err:
+        raise UserError(f"{path}: labels cannot be read, truncated or damaged ({err})") from None
+    return images, labels
+
+
+def slab_rows(images: h5py.Dataset) -> int:
+    """Rows per read: a whole number of chunks and about SLAB_BYTES of decoded pixels."""
+    per_chunk = images.chunks[0] if images.chunks else 1
+    row_bytes = int(np.prod(images.shape[1:]))
+    return max(per_chunk, SLAB_BYTES // row_bytes // per_chunk * per_chunk)
+
+
+def prepare(src_path: str, dst_path: str, crop: int, seed: int = 0, force: bool = False) -> None:
+    if os.path.exists(dst_path) and not force:
+        raise UserError(f"{dst_path}: already exists (use --force to replace it)")
+    with open_source(src_path) as src:
+        images, labels = check_schema(src, src_path, crop)
+        validate_labels(labels, CLASS_NAMES, src_path)
+        splits = stratified_split(labels, len(CLASS_NAMES), seed)
+        n, height, width, _ = images.shape
+        top, left = (height - crop) // 2, (width - crop) // 2
+        is_train = np.zeros(n, dtype=bool)
+        is_train[splits["train"]] = True
+        channel_sum = np.zeros(3)
+        channel_sq = np.zeros(3)
+        step = slab_rows(images)
+        with atomic_path(dst_path) as tmp, h5py.File(tmp, "w") as dst:
+            out = dst.create_dataset("images", shape=(n, crop, crop, 3), dtype=np.uint8)
+            for start in track(range(0, n, step), -(-n // step), f"prepare {Path(src_path).name}"):
+                try:
+                    slab = images[start : start + step, top : top + crop, left : left + crop, :]
+                except OSError as err:
+                    raise UserError(f"{src_path}: images from row {start} cannot be read ({err})") from None
+                out[start : start + len(slab)] = slab
+                train_pixels = slab[is_train[start : start + len(slab)]].reshape(-1, 3).astype(np.float64)
+                channel_sum += train_pixels.sum(0)
+                channel_sq += (train_pixels**2).sum(0)
+            dst.create_dataset("labels", data=labels.astype(np.int64))
+            for name, rows in splits.items():
+                dst.create_dataset(f"splits/{name}", data=rows)
+                counts = np.bincount(labels[rows], minlength=len(CLASS_NAMES))
+                dst.create_dataset(f"class_counts/{name}", data=counts)
+            dst.create_dataset("class_weights", data=class_weights(labels[splits["train"]], len(CLASS_NAMES)))
+            for column in OPTIONAL_COLUMNS:
+                if column in src and src[column].shape[:1] == (n,):
+                    dst.create_dataset(column, data=src[column][()])
+            train_count = len(splits["train"]) * crop * crop
+            mean = channel_sum / train_count / 255.0
+            std = np.sqrt(np.maximum(channel_sq / train_count / 255.0**2 - mean**2, 1e-12))
+            dst.attrs.update(
+                galaxydist_format=FORMAT_VERSION,
+                galaxydist_version=__version__,
+                class_names=np.array(CLASS_NAMES, dtype=h5py.string_dtype()),
+                mean=mean,
+                std=std,
+                source_name=Path(src_path).name,
+                source_bytes=os.path.getsize(src_path),
+                source_shape=images.shape,
+                crop=crop,
+                seed=seed,
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m galaxydist.prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("src", help="Galaxy10-format HDF5 (images, ans[, ra, dec, redshift, pxscale])")
+    parser.add_argument("dst", help="prepared output file")
+    parser.add_argument("--crop", type=int, default=128, help="side of the central square to keep")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    parser.add_argument("--force", action="store_true", help="replace an existing DST")
+    args = parser.parse_args(argv)
+    if Path(args.src).resolve() == Path(args.dst).resolve():
+        raise UserError(f"{args.dst}: the output would overwrite the source")
+    prepare(args.src, args.dst, args.crop, args.seed, args.force)
+    print(summary(args.dst))
+    return 0
+
+
+def summary(path: str) -> str:
+    """A short description of a prepared file: sizes, splits and class balance."""
+    from .data import read_prepared
+
+    info = read_prepared(path)
+    lines = [f"{path}: {info.shape[0]} images {info.shape[1]}×{info.shape[2]}×3, {info.num_classes} classes"]
+    for name, rows in info.splits.items():
+        counts = np.bincount(info.labels[rows], minlength=info.num_classes)
+        lines.append(f"  {name:5s} {len(rows):6d}  per class {counts.tolist()}")
+    return "\n".join(lines)
+
+
+def cli() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,425 @@
+"""Train the galaxy CNN, on one process or many.
+
+    torchrun --nproc_per_node=4 -m galaxydist.train --config configs/galaxy10.yaml [key=value ...]
+    python -m galaxydist.train ...                      # the same run as one process
+
+Re-running with the same output_dir resumes from checkpoints/last.pt. SIGTERM or SIGUSR2 (SLURM
+preemption, submitit's time-limit warning) finishes the current step on every rank, writes
+last.pt and exits with EXIT_INTERRUPTED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, distributed
+from .augment import augment, derive_seed, normalise, uniforms
+from .config import Config, dump_config, load_config
+from .data import GalaxyDataset, ShardBatches, TrainBatches, make_loader, prepared_path_hint, read_prepared
+from .errors import UserError, run_cli
+from .metrics import accuracy, confusion_matrix, per_class
+from .model import GalaxyCNN
+from .progress import is_terminal
+from .tracking import RunFolder
+
+EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; run again to resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class Interrupted(Exception):
+    """A stop signal arrived; last.pt holds the position to resume from."""
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+_stop_requested = False
+
+
+def _request_stop(signum: int, frame: object) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` validations without a better accuracy."""
+
+    patience: int
+    best: float = -math.inf
+    bad_epochs: int = 0
+
+    def update(self, score: float) -> bool:
+        if score > self.best:
+            self.best, self.bad_epochs = score, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+@dataclass
+class Position:
+    """Where training stands: enough, with the weights and optimiser, to resume exactly."""
+
+    stage: int = 0
+    epoch: int = 0
+    step: int = 0  # optimiser steps done in this epoch
+    best_val: float = -math.inf  # best validation accuracy over all stages (best.pt)
+    stopper: dict[str, Any] = field(default_factory=dict)
+    train_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    seconds: float = 0.0  # time already spent in this epoch before an interruption
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    confusion: np.ndarray
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: distributed.Context) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.info = read_prepared(cfg.data.path)
+        for split, rows in self.info.splits.items():
+            if len(rows) < ctx.world_size:
+                raise UserError(
+                    f"{cfg.data.path}: split {split!r} has {len(rows)} images, fewer than {ctx.world_size} ranks"
+                )
+        self.per_rank_batch = distributed.split_batch(cfg.data.batch_size, ctx)
+        self.eval_batch = max(1, cfg.data.eval_batch_size // ctx.world_size)
+        if len(self.info.splits["train"]) < cfg.data.batch_size:
+            raise UserError(
+                f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the {len(self.info.splits['train'])} training images"
+            )
+        on_cuda = ctx.device.type == "cuda"
+        self.bf16 = cfg.speed.bf16 == "on" or (cfg.speed.bf16 == "auto" and on_cuda)
+        self.channels_last = cfg.speed.channels_last == "on" or (
+            cfg.speed.channels_last == "auto" and on_cuda
+        )
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True
+
+        self.run = RunFolder(cfg.output_dir)
+        self.model = GalaxyCNN(cfg.model.channels, self.info.num_classes, cfg.model.dropout)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ddp = distributed.wrap_model(self.model, ctx)
+        self.model = distributed.unwrap(self.ddp)  # the same parameters, without DDP's hooks
+        self.step_fn = torch.compile(self.ddp) if cfg.speed.compile else self.ddp
+        device = ctx.device
+        self.weights = torch.tensor(self.info.class_weights, dtype=torch.float32, device=device)
+        self.mean = torch.tensor(self.info.mean, dtype=torch.float32, device=device)
+        self.std = torch.tensor(self.info.std, dtype=torch.float32, device=device)
+
+        self.train_set = GalaxyDataset(self.info, "train")
+        self.train_batches = TrainBatches(
+            len(self.train_set), ctx.rank, ctx.world_size, self.per_rank_batch, cfg.seed
+        )
+        self.train_loader = make_loader(
+            self.train_set, self.train_batches, cfg.data.num_workers, pin_memory=on_cuda
+        )
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # --- the run, top to bottom -------------------------------------------------------------
+    def fit(self, resume: str | None = None) -> dict[str, Any]:
+        pos = self.restore(resume)
+        stages = self.cfg.stages
+        while pos.stage < len(stages):
+            stage = stages[pos.stage]
+            if self.optimizer is None:  # a fresh stage: best weights so far, a new optimiser
+                if pos.stage > 0:
+                    self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
+                self.optimizer = torch.optim.Adam(self.model.parameters(), lr=stage.lr)
+            stopper = EarlyStopping(stage.patience, **pos.stopper)
+            while pos.epoch < stage.max_epochs:
+                train_loss, train_acc, seconds, images = self.train_epoch(pos)
+                val = self.evaluate("val")
+                improved_overall = val.accuracy > pos.best_val
+                stopper.update(val.accuracy)
+                pos.best_val = max(pos.best_val, val.accuracy)
+                if self.ctx.is_main:
+                    self.run.append_metrics(
+                        {
+                            "stage": stage.name,
+                            "stage_index": pos.stage,
+                            "epoch": pos.epoch,
+                            "train_loss": train_loss,
+                            "train_acc": train_acc,
+                            "val_loss": val.loss,
+                            "val_acc": val.accuracy,
+                            "lr": stage.lr,
+                            "seconds": seconds,
+                            "images_per_second": images / seconds,
+                        }
+                    )
+                    self.log(
+                        f"[{stage.name} {pos.epoch + 1}/{stage.max_epochs}] train loss {train_loss:.4f} "
+                        f"acc {train_acc:.4f} | val loss {val.loss:.4f} acc {val.accuracy:.4f} | "
+                        f"{images / seconds:.0f} img/s{' *' if improved_overall else ''}"
+                    )
+                pos.epoch, pos.step, pos.seconds, pos.train_sums = pos.epoch + 1, 0, 0.0, [0.0] * 4
+                pos.stopper = asdict(stopper)
+                if improved_overall:
+                    self.save("best.pt", pos, val)
+                stage_done = distributed.any_rank(stopper.should_stop, self.ctx.device) or (
+                    pos.epoch == stage.max_epochs
+                )
+                if stage_done:
+                    pos.stage, pos.epoch, pos.stopper = pos.stage + 1, 0, {}
+                    self.optimizer = None
+                self.save("last.pt", pos)
+                if stage_done:
+                    break
+        return self.finish()
+
+    def train_epoch(self, pos: Position) -> tuple[float, float, float, int]:
+        """One epoch (or its rest, after a resume); returns loss, accuracy, seconds, images."""
+        cfg, ctx = self.cfg, self.ctx
+        epoch_key = pos.stage * 10_000 + pos.epoch
+        self.ddp.train()
+        self.train_batches.set_epoch(epoch_key, start=pos.step)
+        sums = torch.tensor(pos.train_sums, dtype=torch.float64, device=ctx.device)  # wloss, w, correct, n
+        started = time.perf_counter() - pos.seconds
+        for images, labels, rows in self.progress(self.train_loader, f"epoch {pos.epoch + 1}"):
+            torch.manual_seed(derive_seed(cfg.seed, epoch_key, pos.step, ctx.rank))  # dropout
+            x, y = self.to_inputs(images, labels, rows, epoch_key, train=True)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.step_fn(x)
+            losses = F.cross_entropy(logits.float(), y, reduction="none")
+            w = self.weights[y]
+            weighted_sum = (w * losses).sum()
+            # One small collective per step: the global weight sum (the loss is normalised over the
+            # GLOBAL batch), which ranks saw a non-finite loss, and whether any rank must stop.
+            flags = torch.zeros(2 + ctx.world_size, dtype=torch.float64, device=ctx.device)
+            flags[0] = w.sum()
+            flags[1] = float(_stop_requested)
+            flags[2 + ctx.rank] = (~torch.isfinite(weighted_sum)).double()
+            flags = distributed.all_reduce_sum(flags).tolist()
+            bad_ranks = [r for r, bad in enumerate(flags[2:]) if bad]
+            if bad_ranks:
+                raise NonFiniteLoss(
+                    f"non-finite loss on rank {bad_ranks[0]} at stage {pos.stage} epoch {pos.epoch} step {pos.step}"
+                )
+            loss = weighted_sum * ctx.world_size / flags[0]  # DDP averages over ranks
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            pos.step += 1
+            with torch.no_grad():
+                sums += torch.stack(
+                    [
+                        weighted_sum.detach(),
+                        w.sum(),
+                        (logits.argmax(1) == y).sum(),
+                        torch.tensor(len(y), device=ctx.device),
+                    ]
+                ).double()
+            if flags[1]:
+                pos.train_sums, pos.seconds = sums.tolist(), time.perf_counter() - started
+                self.save("last.pt", pos)
+                raise Interrupted
+        seconds = time.perf_counter() - started
+        wloss, wsum, correct, n = distributed.all_reduce_sum(sums).tolist()
+        return wloss / wsum, correct / n, seconds, int(n)
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> Evaluation:
+        """Exact metrics over the whole split: each rank its unpadded shard, then a sum."""
+        ctx, k = self.ctx, self.info.num_classes
+        dataset = GalaxyDataset(self.info, split)
+        loader = make_loader(
+            dataset, ShardBatches(len(dataset), ctx.rank, ctx.world_size, self.eval_batch), 0
+        )
+        self.model.eval()  # the bare module: no DDP buffer broadcast, no collective per batch
+        cm = torch.zeros(k, k, dtype=torch.int64, device=ctx.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        for images, labels, rows in loader:
+            x, y = self.to_inputs(images, labels, rows, 0, train=False)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(x).float()
+            w = self.weights[y]
+            sums += torch.stack([(w * F.cross_entropy(logits, y, reduction="none")).sum(), w.sum()]).double()
+            cm += confusion_matrix(y, logits.argmax(1), k)
+        cm = distributed.all_reduce_sum(cm).cpu().numpy()
+        wloss, wsum = distributed.all_reduce_sum(sums).tolist()
+        return Evaluation(wloss / wsum, accuracy(cm), cm)
+
+    def to_inputs(
+        self, images, labels, rows, epoch_key: int, train: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 batch → normalised, augmented float images on the device."""
+        device = self.ctx.device
+        x = normalise(images.to(device, non_blocking=True), self.mean, self.std, torch.float32)
+        if train:
+            aug = self.cfg.augment
+            draws = torch.from_numpy(uniforms(self.cfg.seed, epoch_key, rows.numpy(), 3)).to(
+                device, torch.float32
+            )
+            x = augment(x, draws, aug.hflip, aug.vflip, aug.rotate)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, labels.to(device, non_blocking=True)
+
+    # --- checkpoints, resume and the end of the run -----------------------------------------
+    def save(self, name: str, pos: Position, val: Evaluation | None = None) -> None:
+        if not self.ctx.is_main:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "config": self.cfg.to_dict(),
+            "class_names": list(self.info.class_names),
+            "mean": list(self.info.mean),
+            "std": list(self.info.std),
+            "image_size": self.info.image_size,
+            "position": asdict(pos),
+        }
+        if name == "last.pt" and self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if val is not None:
+            state["val_accuracy"] = val.accuracy
+        checkpoint.save(state, self.run.checkpoints / name)
+
+    def restore(self, resume: str | None) -> Position:
+        """Continue from `resume` or output_dir's last.pt when there is one; else start fresh."""
+        path = Path(resume) if resume else self.run.checkpoints / "last.pt"
+        if not path.exists():
+            if resume:
+                raise UserError(f"{resume}: checkpoint not found")
+            return Position()
+        state = checkpoint.load(path)
+        saved_model = state.get("config", {}).get("model")
+        if saved_model != asdict(self.cfg.model) or state.get("class_names") != list(self.info.class_names):
+            raise UserError(
+                f"{path}: checkpoint is for another model or class list ({saved_model}); use another output_dir"
+            )
+        self.model.load_state_dict(state["model"])
+        pos = Position(**state["position"])
+        if "optimizer" in state and pos.stage < len(self.cfg.stages):
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.stages[pos.stage].lr)
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.ctx.is_main:
+            self.run.keep_metrics(before=(pos.stage, pos.epoch))
+            self.log(f"resuming from {path} at stage {pos.stage} epoch {pos.epoch} step {pos.step}")
+        return pos
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate the best weights once on the untouched test split; write the summary."""
+        self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
+        test, val = self.evaluate("test"), self.evaluate("val")
+        names = list(self.info.class_names)
+        epochs: dict[str, int] = {}
+        for record in self.run.read_metrics() if self.ctx.is_main else []:
+            epochs[record["stage"]] = epochs.get(record["stage"], 0) + 1
+        summary = {
+            "test_accuracy": test.accuracy,
+            "test_loss": test.loss,
+            "val_accuracy": val.accuracy,
+            "per_class_accuracy": [row["accuracy"] for row in per_class(test.confusion, names)],
+            "class_names": names,
+            "epochs_per_stage": epochs,
+            "world_size": self.ctx.world_size,
+            "test_confusion": test.confusion.tolist(),
+        }
+        if self.ctx.is_main:
+            self.run.write_report("val", val.confusion, names)
+            table = self.run.write_report("test", test.confusion, names)
+            self.run.write_summary(summary)
+            self.log(f"\nTest split, best weights (val acc {val.accuracy:.4f}):\n{table}")
+            self.log(f"test accuracy {test.accuracy:.4f} — run folder {self.run.root}")
+        return summary
+
+    # --- output -----------------------------------------------------------------------------
+    def log(self, line: str) -> None:
+        if self.ctx.is_main:
+            print(line, flush=True)
+
+    def progress(self, loader, description: str):
+        """A rich bar on rank 0 in a terminal; plain iteration elsewhere."""
+        if not (self.ctx.is_main and is_terminal()):
+            yield from loader
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        columns = (description, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task(description, total=len(loader))
+            for batch in loader:
+                yield batch
+                bar.advance(task)
+
+
+def prepare_run_folder(cfg: Config, ctx: distributed.Context) -> None:
+    """Rank 0 creates the run folder and saves the resolved config; every rank learns if it failed."""
+    error = None
+    if ctx.is_main:
+        try:
+            RunFolder(cfg.output_dir).checkpoints.mkdir(parents=True, exist_ok=True)
+            RunFolder(cfg.output_dir).write_text("config.yaml", dump_config(cfg))
+        except OSError as err:
+            error = f"{cfg.output_dir}: cannot write the run folder ({err.strerror})"
+    error = distributed.broadcast_object(error)
+    if error:
+        raise UserError(error)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m galaxydist.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML recipe (default: the packaged configs/galaxy10.yaml)")
+    parser.add_argument(
+        "--resume", help="checkpoint to resume from (default: output_dir/checkpoints/last.pt)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. stages.0.lr=5e-4 data.batch_size=128"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if not Path(cfg.data.path).exists():
+        raise UserError(
+            f"{cfg.data.path}: prepared data not found; make it with: {prepared_path_hint(cfg.data.path)}"
+        )
+    previous = {s: signal.signal(s, _request_stop) for s in STOP_SIGNALS}
+    ctx = distributed.setup(cfg.distributed.timeout_s)
+    try:
+        prepare_run_folder(cfg, ctx)
+        Trainer(cfg, ctx).fit(args.resume)
+        return 0
+    except Interrupted:
+        print(f"rank {ctx.rank}: stopped by signal; last.pt saved, run again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NonFiniteLoss as err:
+        print(f"rank {ctx.rank}: {err}; stopping (last good checkpoint kept)", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        distributed.teardown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def cli() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
