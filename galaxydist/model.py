@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from torch import nn
@@ -24,7 +25,7 @@ class GalaxyCNN(nn.Module):
     def __init__(self, channels: Sequence[int], num_classes: int, dropout: float = 0.4) -> None:
         super().__init__()
         widths = [3, *channels]
-        self.features = nn.Sequential(*(conv_block(a, b) for a, b in zip(widths, widths[1:], strict=False)))
+        self.features = nn.Sequential(*(conv_block(a, b) for a, b in itertools.pairwise(widths)))
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels[-1], num_classes)
         )
