@@ -111,13 +111,12 @@ class Trainer:
             )
         on_cuda = ctx.device.type == "cuda"
         self.bf16 = cfg.speed.bf16 == "on" or (cfg.speed.bf16 == "auto" and on_cuda)
-        self.channels_last = cfg.speed.channels_last == "on" or (
-            cfg.speed.channels_last == "auto" and on_cuda
-        )
+        self.channels_last = cfg.speed.channels_last
         if on_cuda:
             torch.backends.cudnn.benchmark = True
 
         self.run = RunFolder(cfg.output_dir)
+        torch.manual_seed(cfg.seed)  # the same initial weights at every world size
         self.model = GalaxyCNN(cfg.model.channels, self.info.num_classes, cfg.model.dropout)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
