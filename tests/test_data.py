@@ -28,9 +28,10 @@ def test_items_are_uint8_chw_with_labels_and_rows(tiny_prepared):
     ds = GalaxyDataset(info, "val")
     image, label, row = ds[2]
     assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
-    assert label.dtype == torch.int64 and int(label) == info.labels[ds.rows[2]]
+    assert label.dtype == torch.int64 and int(label) == info.labels[ds.rows[2]] and int(row) == ds.rows[2]
     images, labels, rows = ds[[5, 1, 3]]
     assert images.shape == (3, 3, 32, 32) and rows.tolist() == ds.rows[[5, 1, 3]].tolist()
+    assert labels.tolist() == info.labels[ds.rows[[5, 1, 3]]].tolist()
     np.testing.assert_array_equal(images[1].numpy(), ds[1][0].numpy())
 
 
@@ -101,7 +102,7 @@ def test_truncated_prepared_file_is_detected(tiny_prepared, tmp_path):
     copy = tmp_path / "cut.h5"
     data = tiny_prepared.read_bytes()
     copy.write_bytes(data[: len(data) - 5000])
-    with pytest.raises(UserError, match="truncated|not a readable"):
+    with pytest.raises(UserError, match=r"truncated|not a readable"):
         read_prepared(copy)
 
 
