@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,24 +99,36 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-reduce(sum); the identity for one process."""
+    if not dist.is_initialized():
+        return tensor
+    with warnings.catch_warnings():
+        # Deprecated in favour of _functional_collectives, whose autograd support is recent;
+        # this one is differentiable in every torch release this package supports (>= 2.4).
+        warnings.simplefilter("ignore", FutureWarning)
+        return dist_fn.all_reduce(tensor)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over the global batch for any backend (torch's SyncBatchNorm is CUDA-only).
 
-    Training statistics are all-reduced with the differentiable all_reduce, so forward and
-    backward equal one BatchNorm over the concatenation of every rank's batch. Evaluation uses the
+    Training statistics are summed over ranks with a differentiable all-reduce, so forward and
+    backward equal one BatchNorm over the concatenation of every rank's batch. One process uses
+    the same arithmetic, so 1 rank and N ranks agree to float rounding. Evaluation uses the
     running statistics and makes no collective call.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized()):
+        if not self.training:
             return super().forward(x)
         dims = (0, 2, 3)
         count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
-        stats = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))
+        stats = _sum_over_ranks(torch.cat([x.sum(dims), count]))
         total = stats[-1]
         mean = stats[:-1] / total
         centred = x - mean.view(1, -1, 1, 1)
-        var = dist_fn.all_reduce(centred.pow(2).sum(dims)) / total
+        var = _sum_over_ranks(centred.pow(2).sum(dims)) / total
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = self.momentum
@@ -138,15 +151,15 @@ def _to_global_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def wrap_model(model: nn.Module, ctx: Context) -> nn.Module:
-    """Synchronised BatchNorm + DDP when there are several ranks; the plain model otherwise."""
+    """Synchronised BatchNorm + DDP when there is a process group; the bare model otherwise."""
     model = model.to(ctx.device)
-    if not dist.is_initialized():
-        return model
     if ctx.device.type == "cuda":
+        if not dist.is_initialized():
+            return model
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[ctx.local_rank], broadcast_buffers=False)
-    model = _to_global_batchnorm(model)
-    return DistributedDataParallel(model, broadcast_buffers=False)
+    model = _to_global_batchnorm(model)  # on CPU for one process too: the same numbers as N ranks
+    return DistributedDataParallel(model, broadcast_buffers=False) if dist.is_initialized() else model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -175,7 +175,7 @@ class Trainer:
                         f"{images / seconds:.0f} img/s{' *' if improved_overall else ''}"
                     )
                 pos.epoch, pos.step, pos.seconds, pos.train_sums = pos.epoch + 1, 0, 0.0, [0.0] * 4
-                pos.stopper = asdict(stopper)
+                pos.stopper = {"best": stopper.best, "bad_epochs": stopper.bad_epochs}
                 if improved_overall:
                     self.save("best.pt", pos, val)
                 stage_done = distributed.any_rank(stopper.should_stop, self.ctx.device) or (
@@ -195,7 +195,11 @@ class Trainer:
         epoch_key = pos.stage * 10_000 + pos.epoch
         self.ddp.train()
         self.train_batches.set_epoch(epoch_key, start=pos.step)
-        sums = torch.tensor(pos.train_sums, dtype=torch.float64, device=ctx.device)  # wloss, w, correct, n
+        # wloss, w, correct, n: this rank's running sums; after a resume rank 0 carries the global
+        # sums of the steps done before the interruption.
+        sums = torch.tensor(
+            pos.train_sums if ctx.is_main else [0.0] * 4, dtype=torch.float64, device=ctx.device
+        )
         started = time.perf_counter() - pos.seconds
         for images, labels, rows in self.progress(self.train_loader, f"epoch {pos.epoch + 1}"):
             torch.manual_seed(derive_seed(cfg.seed, epoch_key, pos.step, ctx.rank))  # dropout
@@ -232,7 +236,8 @@ class Trainer:
                     ]
                 ).double()
             if flags[1]:
-                pos.train_sums, pos.seconds = sums.tolist(), time.perf_counter() - started
+                pos.train_sums = distributed.all_reduce_sum(sums.clone()).tolist()
+                pos.seconds = time.perf_counter() - started
                 self.save("last.pt", pos)
                 raise Interrupted
         seconds = time.perf_counter() - started

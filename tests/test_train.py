@@ -1,0 +1,182 @@
+"""Distributed training on real gloo process groups (torchrun, 2–3 CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from conftest import ROOT, free_port, read_metrics, run_train, tiny_overrides
+
+from galaxydist import synthetic
+from galaxydist.data import read_prepared
+from galaxydist.prepare import prepare
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+def torchrun_script(nproc: int, script: Path, args: list[str], timeout: float = 300):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args,
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_state(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_two_ranks_of_32_equal_one_rank_of_64(tiny_prepared, tmp_path):
+    """SyncBatchNorm's CPU twin, global loss normalisation and sample order: same parameters."""
+    overrides = lambda out: tiny_overrides(  # noqa: E731
+        tiny_prepared,
+        out,
+        **{"data.batch_size": 64, "stages": "[{name: t, lr: 0.003, max_epochs: 2, patience: 5}]"},
+    )
+    one = run_train(0, overrides(tmp_path / "one"))
+    two = run_train(2, overrides(tmp_path / "two"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert any("running_var" in k for k in a)  # BatchNorm running statistics are compared too
+    assert_same_state(a, b)
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    np.testing.assert_allclose([m["train_loss"] for m in m1], [m["train_loss"] for m in m2], rtol=1e-4)
+    assert [m["val_acc"] for m in m1] == [m["val_acc"] for m in m2]
+
+
+def test_exact_evaluation_at_world_size_three(tiny_prepared, tmp_path):
+    info = read_prepared(tiny_prepared)
+    sizes = {split: len(info.splits[split]) for split in ("val", "test")}
+    assert any(n % 3 for n in sizes.values()), sizes  # uneven shards are exercised
+    args = tiny_overrides(
+        tiny_prepared, tmp_path / "run", **{"data.batch_size": 48, "data.eval_batch_size": 12}
+    )
+    result = torchrun_script(3, HELPERS / "eval_ranks.py", [str(tmp_path), *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = subprocess.run(
+        [sys.executable, str(HELPERS / "eval_ranks.py"), str(tmp_path), *args], capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}_of_3.json").read_text()) for r in range(3)]
+    alone = json.loads((tmp_path / "rank0_of_1.json").read_text())
+    for split, n in sizes.items():
+        assert np.sum(ranks[0][split]["confusion"]) == n
+        assert all(r[split] == ranks[0][split] for r in ranks)  # identical metrics on every rank
+        assert ranks[0][split]["confusion"] == alone[split]["confusion"]
+        assert ranks[0][split]["loss"] == pytest.approx(alone[split]["loss"], rel=1e-5)
+
+
+def test_one_rank_wanting_to_stop_stops_every_rank_on_the_same_epoch(tiny_prepared, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_overrides(
+        tiny_prepared,
+        run,
+        **{"stages": "[{name: t, lr: 0.003, max_epochs: 6, patience: 5}]", "distributed.timeout_s": 60},
+    )
+    result = torchrun_script(2, HELPERS / "patched_train.py", ["stop", "1", "2", "--", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["epoch"] for m in read_metrics(run)] == [0, 1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_per_stage"] == {"t": 2}
+
+
+def test_nan_on_one_rank_stops_every_rank_with_a_message(tiny_prepared, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_overrides(tiny_prepared, run, **{"distributed.timeout_s": 60})
+    steps_per_epoch = len(read_prepared(tiny_prepared).splits["train"]) // 32
+    result = torchrun_script(
+        2, HELPERS / "patched_train.py", ["nan", "1", str(steps_per_epoch + 2), "--", *args]
+    )
+    assert result.returncode != 0
+    assert "non-finite loss on rank 1 at stage 0 epoch 1 step 2" in result.stderr
+    # Every rank stopped on that message (none hung or crashed elsewhere).
+    assert result.stderr.count("non-finite loss on rank 1") == 2
+    good = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert good["position"]["epoch"] == 1 and good["position"]["step"] == 0
+    assert all(torch.isfinite(t).all() for t in good["model"].values() if t.is_floating_point())
+    assert len(read_metrics(run)) == 1
+
+
+def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "galaxydist.train" in " ".join(p.cmdline())
+    ]
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tiny_prepared, tmp_path, sig):
+    """4 epochs straight ≡ stopped by a signal mid-epoch after 2, then resumed for the rest."""
+    stages = "[{name: t, lr: 0.003, max_epochs: 4, patience: 9}]"
+    straight = run_train(
+        2, tiny_overrides(tiny_prepared, tmp_path / "straight", stages=stages, **{"model.dropout": 0.3})
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = tmp_path / "resumed"
+    args = tiny_overrides(tiny_prepared, run, stages=stages, **{"model.dropout": 0.3})
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", "-m", "galaxydist.train", *args,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 240, "two epochs")
+    for worker in workers_of(proc):
+        worker.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert "stopped by signal; last.pt saved" in stderr, stderr[-3000:]
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["position"]
+    assert (stopped["stage"], stopped["epoch"]) < (1, 0)  # it really stopped before the end
+
+    resumed = run_train(2, args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert_same_state(final_state(tmp_path / "straight"), final_state(run), rtol=1e-5, atol=1e-6)
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [m["epoch"] for m in b] == [0, 1, 2, 3]  # no epoch redone or lost
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        np.testing.assert_allclose([m[key] for m in a], [m[key] for m in b], rtol=1e-5, err_msg=key)
+
+
+def test_demo_recipe_learns_far_above_chance(tmp_path_factory):
+    """The demo config on synthetic data: a broken pipeline stays near 10 % (balanced chance)."""
+    root = tmp_path_factory.mktemp("learn")
+    synthetic.generate(root / "raw.h5", n=1500, seed=3, size=64)
+    prepare(str(root / "raw.h5"), str(root / "p.h5"), crop=48)
+    result = run_train(
+        2,
+        [
+            "--config", str(ROOT / "configs" / "demo.yaml"), f"data.path={root / 'p.h5'}", f"output_dir={root / 'run'}",
+            "stages=[{name: train, lr: 0.002, max_epochs: 6, patience: 6}]",
+        ],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.45, summary
+    assert np.mean(summary["per_class_accuracy"]) > 0.35
