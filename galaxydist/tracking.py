@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .atomic import atomic_path
 from .metrics import format_table, per_class
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class RunFolder:
@@ -59,3 +62,31 @@ class RunFolder:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+class Tracker:
+    """Rank 0's reporter: every epoch and the final report go to the run folder (always) and to
+    Weights & Biases (when enabled). Training never fails because reporting did."""
+
+    def __init__(self, cfg: Config, run: RunFolder, class_names: list[str]) -> None:
+        self.cfg, self.run, self.class_names = cfg, run, class_names
+
+    def resume_at(self, stage: int, epoch: int) -> None:
+        """Forget epochs at or after the resume point: the resumed run logs them again."""
+        self.run.keep_metrics(before=(stage, epoch))
+
+    def log_epoch(self, record: dict[str, Any], val_confusion: np.ndarray) -> None:
+        self.run.append_metrics(record)
+
+    def epochs_per_stage(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self.run.read_metrics():
+            counts[record["stage"]] = counts.get(record["stage"], 0) + 1
+        return counts
+
+    def finish(self, summary: dict[str, Any], val_confusion: np.ndarray, test_confusion: np.ndarray) -> str:
+        """Write the final report; returns the test per-class table for the console."""
+        self.run.write_report("val", val_confusion, self.class_names)
+        table = self.run.write_report("test", test_confusion, self.class_names)
+        self.run.write_summary(summary)
+        return table

@@ -31,7 +31,7 @@ from .errors import UserError, run_cli
 from .metrics import accuracy, confusion_matrix, per_class
 from .model import GalaxyCNN
 from .progress import is_terminal
-from .tracking import RunFolder
+from .tracking import RunFolder, Tracker
 
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; run again to resume
@@ -116,6 +116,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
 
         self.run = RunFolder(cfg.output_dir)
+        self.tracker = Tracker(cfg, self.run, list(self.info.class_names)) if ctx.is_main else None
         torch.manual_seed(cfg.seed)  # the same initial weights at every world size
         self.model = GalaxyCNN(cfg.model.channels, self.info.num_classes, cfg.model.dropout)
         if self.channels_last:
@@ -154,21 +155,20 @@ class Trainer:
                 improved_overall = val.accuracy > pos.best_val
                 stopper.update(val.accuracy)
                 pos.best_val = max(pos.best_val, val.accuracy)
-                if self.ctx.is_main:
-                    self.run.append_metrics(
-                        {
-                            "stage": stage.name,
-                            "stage_index": pos.stage,
-                            "epoch": pos.epoch,
-                            "train_loss": train_loss,
-                            "train_acc": train_acc,
-                            "val_loss": val.loss,
-                            "val_acc": val.accuracy,
-                            "lr": stage.lr,
-                            "seconds": seconds,
-                            "images_per_second": images / seconds,
-                        }
-                    )
+                if self.tracker:
+                    record = {
+                        "stage": stage.name,
+                        "stage_index": pos.stage,
+                        "epoch": pos.epoch,
+                        "train_loss": train_loss,
+                        "train_acc": train_acc,
+                        "val_loss": val.loss,
+                        "val_acc": val.accuracy,
+                        "lr": stage.lr,
+                        "seconds": seconds,
+                        "images_per_second": images / seconds,
+                    }
+                    self.tracker.log_epoch(record, val.confusion)
                     self.log(
                         f"[{stage.name} {pos.epoch + 1}/{stage.max_epochs}] train loss {train_loss:.4f} "
                         f"acc {train_acc:.4f} | val loss {val.loss:.4f} acc {val.accuracy:.4f} | "
@@ -319,8 +319,8 @@ class Trainer:
         if "optimizer" in state and pos.stage < len(self.cfg.stages):
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.stages[pos.stage].lr)
             self.optimizer.load_state_dict(state["optimizer"])
-        if self.ctx.is_main:
-            self.run.keep_metrics(before=(pos.stage, pos.epoch))
+        if self.tracker:
+            self.tracker.resume_at(pos.stage, pos.epoch)
             self.log(f"resuming from {path} at stage {pos.stage} epoch {pos.epoch} step {pos.step}")
         return pos
 
@@ -329,23 +329,18 @@ class Trainer:
         self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
         test, val = self.evaluate("test"), self.evaluate("val")
         names = list(self.info.class_names)
-        epochs: dict[str, int] = {}
-        for record in self.run.read_metrics() if self.ctx.is_main else []:
-            epochs[record["stage"]] = epochs.get(record["stage"], 0) + 1
         summary = {
             "test_accuracy": test.accuracy,
             "test_loss": test.loss,
             "val_accuracy": val.accuracy,
             "per_class_accuracy": [row["accuracy"] for row in per_class(test.confusion, names)],
             "class_names": names,
-            "epochs_per_stage": epochs,
+            "epochs_per_stage": self.tracker.epochs_per_stage() if self.tracker else {},
             "world_size": self.ctx.world_size,
             "test_confusion": test.confusion.tolist(),
         }
-        if self.ctx.is_main:
-            self.run.write_report("val", val.confusion, names)
-            table = self.run.write_report("test", test.confusion, names)
-            self.run.write_summary(summary)
+        if self.tracker:
+            table = self.tracker.finish(summary, val.confusion, test.confusion)
             self.log(f"\nTest split, best weights (val acc {val.accuracy:.4f}):\n{table}")
             self.log(f"test accuracy {test.accuracy:.4f} — run folder {self.run.root}")
         return summary
