@@ -16,6 +16,9 @@ def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path

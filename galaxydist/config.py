@@ -113,6 +113,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads `5e-4` (no dot) as a string; it is plainly a number here.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UserError(f"config key {key!r}: expected {hint.__name__}, got {value!r}")
     return value

@@ -1,0 +1,96 @@
+"""The config: YAML + dotted overrides, typed; bad keys and values are errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import ROOT, run_train
+
+from galaxydist.config import Config, config_from_dict, dump_config, load_config
+from galaxydist.errors import UserError
+
+
+def test_baseline_recipe_is_the_packaged_default():
+    cfg = load_config()
+    assert cfg.data.batch_size == 64 and cfg.model.channels == [32, 64, 128, 256, 512]
+    assert [(s.name, s.lr, s.max_epochs, s.patience) for s in cfg.stages] == [
+        ("train", 1e-3, 50, 5),
+        ("finetune", 5e-4, 50, 5),
+    ]
+    assert load_config(ROOT / "configs" / "galaxy10.yaml") == cfg
+
+
+def test_dotted_overrides_reach_nested_keys_and_lists():
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            "stages.0.lr=5e-4",
+            "model.channels=[8,8,8,8,8]",
+            "augment.hflip=0",
+            "tracking.tags=[a,b]",
+            "seed=3",
+        ],
+    )
+    assert cfg.stages[0].lr == 5e-4 and isinstance(cfg.augment.hflip, float) and cfg.augment.hflip == 0.0
+    assert cfg.model.channels == [8] * 5 and cfg.tracking.tags == ["a", "b"] and cfg.seed == 3
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["stages.1.patience=7"])
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("colour=red", "unknown config key 'colour'"),
+        ("data.paht=x.h5", "unknown config key 'data.paht'"),
+        ("stages.0.learning_rate=1", "unknown config key 'stages.0.learning_rate'"),
+        ("data.batch_size=abc", "'data.batch_size': expected int"),
+        ("data.batch_size=true", "'data.batch_size': expected int"),
+        ("model.channels=32", "'model.channels': expected a list"),
+        ("stages.0.lr=-1e-3", "'stages.0.lr': must be positive"),
+        ("stages.0.patience=0", "'stages.0.patience': must be at least 1"),
+        ("data.batch_size=0", "'data.batch_size': must be positive"),
+        ("augment.hflip=1.5", "'augment.hflip': a probability"),
+        ("augment.rotate=270", "'augment.rotate': degrees in [0, 180]"),
+        ("model.dropout=1", "'model.dropout'"),
+        ("tracking.wandb=sometimes", "'tracking.wandb': 'sometimes' is not one of"),
+        ("stages.5.lr=1", "'stages.5.lr': no such key '5'"),
+        ("stages=[]", "'stages': at least one stage"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(ROOT / "configs" / "demo.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  path: x.h5\n  shuffle: true\n")
+    with pytest.raises(UserError, match=r"unknown config key 'data\.shuffle'"):
+        load_config(path)
+
+
+def test_defaults_match_dataclass():
+    assert Config().stages[1].name == "finetune"
+
+
+def test_train_cli_bad_config_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = run_train(
+        0, ["--config", str(ROOT / "configs" / "demo.yaml"), f"output_dir={out}", "data.batchsize=3"]
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: unknown config key 'data.batchsize'"]
+    assert not out.exists()
+
+
+def test_train_cli_missing_data_says_how_to_make_it(tmp_path):
+    result = run_train(0, [f"data.path={tmp_path / 'none.h5'}", f"output_dir={tmp_path / 'run'}"])
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "prepared data not found" in line and "python -m galaxydist.prepare" in line
+    assert not (tmp_path / "run").exists()
