@@ -10,7 +10,6 @@ NPROC ?= 2
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q $(TORCH_CPU)
 	$(PY) -m pip install -q -e '.[dev]'
@@ -23,6 +22,7 @@ data/demo.h5: data/synthetic_demo.h5
 	$(PY) -m galaxydist.prepare $< $@ --crop 48 --force
 
 demo: data/demo.h5
+	rm -rf runs/demo  # a fresh run each time (an existing run folder would be resumed)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m galaxydist.train --config configs/demo.yaml
 
 test: $(VENV)/.installed

@@ -192,6 +192,45 @@ def make_loader(
     )
 
 
+class DeviceResident:
+    """A whole split as one uint8 tensor on the device; a batch is a gather, with no loader
+    processes and no host-to-device image copy per step (Galaxy10 train at 128² is ~0.6 GB).
+
+    Yields what the DataLoader yields: (images N×C×H×W, labels, file rows); rows stay on the host
+    because they key the augmentation draws.
+    """
+
+    def __init__(self, dataset: GalaxyDataset, batches: Sampler[list[int]], device: torch.device) -> None:
+        images = torch.from_numpy(np.ascontiguousarray(dataset.images[dataset.rows]))
+        self.images = images.to(device).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(dataset.info.labels[dataset.rows]).to(device)
+        self.rows = torch.from_numpy(dataset.rows)
+        self.batches = batches
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for positions in self.batches:
+            index = torch.as_tensor(positions)
+            on_device = index.to(self.device, non_blocking=True)
+            yield self.images[on_device], self.labels[on_device], self.rows[index]
+
+
+def batch_source(
+    dataset: GalaxyDataset,
+    batches: Sampler[list[int]],
+    device: torch.device,
+    resident: bool,
+    num_workers: int,
+) -> DeviceResident | torch.utils.data.DataLoader:
+    """Batches from device memory when `resident`, else from the memory map through a DataLoader."""
+    if resident:
+        return DeviceResident(dataset, batches, device)
+    return make_loader(dataset, batches, num_workers, pin_memory=device.type == "cuda")
+
+
 def prepared_path_hint(path: str | os.PathLike) -> str:
     """The command that makes a missing prepared file, for the one-line error."""
     return f"python -m galaxydist.prepare Galaxy10_DECals.h5 {Path(path)} --crop 128"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import checkpoint, distributed
 from .augment import augment, derive_seed, normalise, uniforms
 from .config import Config, dump_config, load_config
-from .data import GalaxyDataset, ShardBatches, TrainBatches, make_loader, prepared_path_hint, read_prepared
+from .data import GalaxyDataset, ShardBatches, TrainBatches, batch_source, prepared_path_hint, read_prepared
 from .errors import UserError, run_cli
 from .metrics import accuracy, confusion_matrix, per_class
 from .model import GalaxyCNN
@@ -110,7 +110,7 @@ class Trainer:
                 f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the {len(self.info.splits['train'])} training images"
             )
         on_cuda = ctx.device.type == "cuda"
-        self.bf16 = cfg.speed.bf16 == "on" or (cfg.speed.bf16 == "auto" and on_cuda)
+        self.bf16 = on_cuda if cfg.speed.bf16 == "auto" else cfg.speed.bf16
         self.channels_last = cfg.speed.channels_last
         if on_cuda:
             torch.backends.cudnn.benchmark = True
@@ -133,9 +133,15 @@ class Trainer:
         self.train_batches = TrainBatches(
             len(self.train_set), ctx.rank, ctx.world_size, self.per_rank_batch, cfg.seed
         )
-        self.train_loader = make_loader(
-            self.train_set, self.train_batches, cfg.data.num_workers, pin_memory=on_cuda
+        resident = on_cuda if cfg.speed.resident == "auto" else cfg.speed.resident
+        self.train_loader = batch_source(
+            self.train_set, self.train_batches, device, resident, cfg.data.num_workers
         )
+        self.eval_loaders = {}
+        for split in ("val", "test"):
+            dataset = GalaxyDataset(self.info, split)
+            shards = ShardBatches(len(dataset), ctx.rank, ctx.world_size, self.eval_batch)
+            self.eval_loaders[split] = batch_source(dataset, shards, device, resident, num_workers=0)
         self.optimizer: torch.optim.Optimizer | None = None
 
     # --- the run, top to bottom -------------------------------------------------------------
@@ -248,14 +254,10 @@ class Trainer:
     def evaluate(self, split: str) -> Evaluation:
         """Exact metrics over the whole split: each rank its unpadded shard, then a sum."""
         ctx, k = self.ctx, self.info.num_classes
-        dataset = GalaxyDataset(self.info, split)
-        loader = make_loader(
-            dataset, ShardBatches(len(dataset), ctx.rank, ctx.world_size, self.eval_batch), 0
-        )
         self.model.eval()  # the bare module: no DDP buffer broadcast, no collective per batch
         cm = torch.zeros(k, k, dtype=torch.int64, device=ctx.device)
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        for images, labels, rows in loader:
+        for images, labels, rows in self.eval_loaders[split]:
             x, y = self.to_inputs(images, labels, rows, 0, train=False)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(x).float()
