@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from . import __version__
 from .atomic import atomic_path
@@ -102,55 +104,98 @@ def slab_rows(images: h5py.Dataset) -> int:
     return max(per_chunk, SLAB_BYTES // row_bytes // per_chunk * per_chunk)
 
 
-def prepare(src_path: str, dst_path: str, crop: int, seed: int = 0, force: bool = False) -> None:
+def centre_square(images: np.ndarray, crop: int, resize: int | None) -> np.ndarray:
+    """Central crop×crop of N×H×W×3 uint8 images, then an antialiased resize to resize×resize."""
+    height, width = images.shape[1:3]
+    top, left = (height - crop) // 2, (width - crop) // 2
+    square = images[:, top : top + crop, left : left + crop, :]
+    if resize is None or resize == crop:
+        return np.ascontiguousarray(square)
+    x = torch.from_numpy(np.ascontiguousarray(square)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def write_prepared(
+    dst_path: str,
+    slabs: Iterable[np.ndarray],
+    labels: np.ndarray,
+    size: int,
+    class_names: Sequence[str],
+    seed: int,
+    columns: dict[str, np.ndarray],
+    provenance: dict[str, object],
+) -> None:
+    """Write the prepared file from image slabs in row order: split, weights and statistics too.
+
+    Atomic: DST appears complete or not at all.
+    """
+    n, k = len(labels), len(class_names)
+    splits = stratified_split(labels, k, seed)
+    is_train = np.zeros(n, dtype=bool)
+    is_train[splits["train"]] = True
+    channel_sum, channel_sq = np.zeros(3), np.zeros(3)
+    with atomic_path(dst_path) as tmp, h5py.File(tmp, "w") as dst:
+        out = dst.create_dataset("images", shape=(n, size, size, 3), dtype=np.uint8)
+        start = 0
+        for slab in slabs:
+            out[start : start + len(slab)] = slab
+            train_pixels = slab[is_train[start : start + len(slab)]].reshape(-1, 3).astype(np.float64)
+            channel_sum += train_pixels.sum(0)
+            channel_sq += (train_pixels**2).sum(0)
+            start += len(slab)
+        if start != n:
+            raise UserError(f"{dst_path}: {start} images written for {n} labels")
+        dst.create_dataset("labels", data=labels.astype(np.int64))
+        for name, rows in splits.items():
+            dst.create_dataset(f"splits/{name}", data=rows)
+            dst.create_dataset(f"class_counts/{name}", data=np.bincount(labels[rows], minlength=k))
+        dst.create_dataset("class_weights", data=class_weights(labels[splits["train"]], k))
+        for name, values in columns.items():
+            dst.create_dataset(name, data=values)
+        pixels = len(splits["train"]) * size * size
+        mean = channel_sum / pixels / 255.0
+        std = np.sqrt(np.maximum(channel_sq / pixels / 255.0**2 - mean**2, 1e-12))
+        dst.attrs.update(
+            galaxydist_format=FORMAT_VERSION,
+            galaxydist_version=__version__,
+            class_names=np.array(list(class_names), dtype=h5py.string_dtype()),
+            mean=mean,
+            std=std,
+            seed=seed,
+            **provenance,
+        )
+
+
+def prepare(
+    src_path: str, dst_path: str, crop: int, seed: int = 0, force: bool = False, resize: int | None = None
+) -> None:
+    """Galaxy10-format HDF5 → prepared file, read in chunk-aligned slabs (memory independent of N)."""
     if os.path.exists(dst_path) and not force:
         raise UserError(f"{dst_path}: already exists (use --force to replace it)")
     with open_source(src_path) as src:
         images, labels = check_schema(src, src_path, crop)
         validate_labels(labels, CLASS_NAMES, src_path)
-        splits = stratified_split(labels, len(CLASS_NAMES), seed)
-        n, height, width, _ = images.shape
-        top, left = (height - crop) // 2, (width - crop) // 2
-        is_train = np.zeros(n, dtype=bool)
-        is_train[splits["train"]] = True
-        channel_sum = np.zeros(3)
-        channel_sq = np.zeros(3)
+        n = len(labels)
         step = slab_rows(images)
-        with atomic_path(dst_path) as tmp, h5py.File(tmp, "w") as dst:
-            out = dst.create_dataset("images", shape=(n, crop, crop, 3), dtype=np.uint8)
+
+        def slabs() -> Iterator[np.ndarray]:
             for start in track(range(0, n, step), -(-n // step), f"prepare {Path(src_path).name}"):
                 try:
-                    slab = images[start : start + step, top : top + crop, left : left + crop, :]
+                    raw = images[start : start + step]
                 except OSError as err:
                     raise UserError(f"{src_path}: images from row {start} cannot be read ({err})") from None
-                out[start : start + len(slab)] = slab
-                train_pixels = slab[is_train[start : start + len(slab)]].reshape(-1, 3).astype(np.float64)
-                channel_sum += train_pixels.sum(0)
-                channel_sq += (train_pixels**2).sum(0)
-            dst.create_dataset("labels", data=labels.astype(np.int64))
-            for name, rows in splits.items():
-                dst.create_dataset(f"splits/{name}", data=rows)
-                counts = np.bincount(labels[rows], minlength=len(CLASS_NAMES))
-                dst.create_dataset(f"class_counts/{name}", data=counts)
-            dst.create_dataset("class_weights", data=class_weights(labels[splits["train"]], len(CLASS_NAMES)))
-            for column in OPTIONAL_COLUMNS:
-                if column in src and src[column].shape[:1] == (n,):
-                    dst.create_dataset(column, data=src[column][()])
-            train_count = len(splits["train"]) * crop * crop
-            mean = channel_sum / train_count / 255.0
-            std = np.sqrt(np.maximum(channel_sq / train_count / 255.0**2 - mean**2, 1e-12))
-            dst.attrs.update(
-                galaxydist_format=FORMAT_VERSION,
-                galaxydist_version=__version__,
-                class_names=np.array(CLASS_NAMES, dtype=h5py.string_dtype()),
-                mean=mean,
-                std=std,
-                source_name=Path(src_path).name,
-                source_bytes=os.path.getsize(src_path),
-                source_shape=images.shape,
-                crop=crop,
-                seed=seed,
-            )
+                yield centre_square(raw, crop, resize)
+
+        columns = {c: src[c][()] for c in OPTIONAL_COLUMNS if c in src and src[c].shape[:1] == (n,)}
+        provenance = {
+            "source_name": Path(src_path).name,
+            "source_bytes": os.path.getsize(src_path),
+            "source_shape": images.shape,
+            "crop": crop,
+            "resize": resize or crop,
+        }
+        write_prepared(dst_path, slabs(), labels, resize or crop, CLASS_NAMES, seed, columns, provenance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,12 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="Galaxy10-format HDF5 (images, ans[, ra, dec, redshift, pxscale])")
     parser.add_argument("dst", help="prepared output file")
     parser.add_argument("--crop", type=int, default=128, help="side of the central square to keep")
+    parser.add_argument("--resize", type=int, help="resize the crop to this side (antialiased)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
     args = parser.parse_args(argv)
     if Path(args.src).resolve() == Path(args.dst).resolve():
         raise UserError(f"{args.dst}: the output would overwrite the source")
-    prepare(args.src, args.dst, args.crop, args.seed, args.force)
+    if args.resize is not None and args.resize < 1:
+        raise UserError(f"--resize {args.resize}: must be a positive size")
+    prepare(args.src, args.dst, args.crop, args.seed, args.force, args.resize)
     print(summary(args.dst))
     return 0
 
