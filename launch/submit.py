@@ -1,0 +1,254 @@
+"""Submit a galaxydist training run to SLURM with submitit.
+
+    python launch/submit.py --partition gpu --gpus-per-node 4 --config configs/galaxy10.yaml [key=value ...]
+    python launch/submit.py --partition gpu --gpus-per-node 0 --tasks-per-node 2 --wait   # CPU ranks
+
+One task per GPU (or --tasks-per-node CPU ranks); each task exports the torch.distributed variables
+and calls galaxydist.train.main, the entry point torchrun runs. On preemption (SIGTERM) or the
+time-limit warning (USR2, 90 s before the limit) training saves last.pt and the job requeues itself,
+at most --max-requeues times, then resumes from last.pt in the same run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python launch/submit.py` from a checkout where galaxydist is not installed
+    sys.path.insert(0, str(REPO))
+
+from galaxydist.config import load_config  # noqa: E402
+from galaxydist.errors import UserError, run_cli  # noqa: E402
+
+
+class TrainTask:
+    """The submitted callable, run once per task. It is checkpointable in submitit's sense (it has
+    `checkpoint`): when training stops on a signal, submitit pickles it again and requeues the job.
+
+    A plain class rather than a submitit.helpers.Checkpointable subclass, so that this module imports
+    without submitit (submitit only looks for the `checkpoint` attribute).
+    """
+
+    def __init__(self, argv: list[str], max_requeues: int) -> None:
+        self.argv = argv
+        self.max_requeues = max_requeues
+        self.requeues = 0
+
+    def __call__(self) -> int:
+        import signal
+
+        import submitit
+
+        from galaxydist import train
+
+        # CUDA_VISIBLE_DEVICES stays as SLURM set it: train selects cuda:LOCAL_RANK, as under torchrun.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        usr_sig = submitit.JobEnvironment._usr_sig()
+        requeue = signal.getsignal(usr_sig)  # submitit's checkpoint-and-requeue handler; train overrides it
+        code = train.main(self.argv)
+        if code == train.EXIT_INTERRUPTED:
+            # Training stopped on a signal and saved last.pt. Take submitit's own path: on global rank 0
+            # it calls self.checkpoint(), requeues the job (or raises once requeues are used up) and
+            # exits; on other ranks it returns, and the task leaves without a result for this attempt.
+            requeue(usr_sig, None)
+            raise SystemExit(code)
+        if code:
+            raise RuntimeError(f"galaxydist.train exited with code {code}; see this task's log")
+        return code
+
+    def checkpoint(self) -> Any:
+        """Called by submitit on rank 0 before requeueing: the same callable (train resumes from
+        last.pt by itself), or None, which stops the requeues, once max_requeues are used."""
+        import submitit
+
+        if self.requeues >= self.max_requeues:
+            return None
+        self.requeues += 1
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python launch/submit.py", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--partition", required=True)
+    add("--nodes", type=_count(1), default=1)
+    add("--gpus-per-node", type=_count(0), default=1, help="one task per GPU; 0 for CPU ranks (gloo)")
+    add("--tasks-per-node", type=_count(1), help="CPU ranks per node, with --gpus-per-node 0 (default 1)")
+    add("--cpus-per-task", type=_count(1))
+    add("--mem", help="memory per node, e.g. 64G")
+    add("--time", default="04:00:00", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS")
+    add("--account")
+    add("--qos")
+    add("--constraint")
+    add("--job-name", default="galaxydist")
+    add("--config", help="YAML recipe (default: the packaged galaxy10.yaml)")
+    add("--log-dir", help="submitit logs and pickles (default: RUN_FOLDER/slurm)")
+    add("--max-requeues", type=_count(0), default=3, help="requeues after preemption or time limit")
+    add("--dry-run", action="store_true", help="print the sbatch script and exit without submitting")
+    add("--wait", action="store_true", help="follow the job to its end and print the summary")
+    add("overrides", nargs="*", metavar="key=value", help="config overrides, as for galaxydist.train")
+    args = parser.parse_intermixed_args(argv)
+    if args.gpus_per_node and args.tasks_per_node not in (None, args.gpus_per_node):
+        raise UserError("--tasks-per-node: with GPUs there is one task per GPU; set --gpus-per-node instead")
+    return args
+
+
+def minutes(limit: str) -> int:
+    """SLURM time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) as whole minutes, rounded up:
+    submitit needs the limit as a number to tell a time-out from a preemption."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", limit.strip())
+    if not match:
+        raise UserError(f"--time {limit!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
+    days, a, b, c = (int(g) if g else 0 for g in match.groups())
+    if match.group(1):  # D-H[:M[:S]]
+        seconds = ((days * 24 + a) * 60 + b) * 60 + c
+    elif match.group(4):  # H:M:S
+        seconds = (a * 60 + b) * 60 + c
+    else:  # M[:S]
+        seconds = a * 60 + b
+    if seconds <= 0:
+        raise UserError(f"--time {limit!r}: must be positive")
+    return -(-seconds // 60)
+
+
+def sbatch_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's sbatch settings, named as submitit's SlurmExecutor names them."""
+    tasks = args.gpus_per_node or args.tasks_per_node or 1
+    params: dict[str, Any] = {
+        "job_name": args.job_name,
+        "partition": args.partition,
+        "nodes": args.nodes,
+        "ntasks_per_node": tasks,
+        "time": minutes(args.time),
+        "setup": [
+            # the job runs the submitter's python (sys.executable); this makes galaxydist importable
+            f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+            "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+        ],
+    }
+    optional = {
+        "gpus_per_node": args.gpus_per_node or None,  # no GPU request at all for CPU runs
+        "cpus_per_task": args.cpus_per_task,
+        "mem": args.mem,
+        "account": args.account,
+        "qos": args.qos,
+        "constraint": args.constraint,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def render_sbatch(folder: Path, params: dict[str, Any]) -> str:
+    """The script SlurmExecutor would submit: its own template and its own python command."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder, **params)
+
+
+def sbatch_error(err: Exception) -> str:
+    """sbatch's own error lines, without their prefixes, as one line."""
+    lines = [re.sub(r"^sbatch: error: ", "", ln.strip()) for ln in str(err).splitlines() if "error" in ln]
+    return "; ".join(dict.fromkeys(lines)) or str(err).strip()
+
+
+def submit(args: argparse.Namespace, train_argv: list[str], folder: Path, params: dict[str, Any]) -> Any:
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    try:
+        executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    except RuntimeError as err:  # no srun on this machine
+        raise UserError(f"cannot submit: {err} (--dry-run prints the script without SLURM)") from None
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; we say it once
+            return executor.submit(TrainTask(train_argv, args.max_requeues))
+    except FailedJobError as err:
+        raise UserError(f"sbatch rejected the job: {sbatch_error(err)}") from None
+
+
+def job_error(err: Exception) -> str:
+    """The exception line of the job's traceback (submitit wraps it in a long message)."""
+    lines = str(err).strip().splitlines()
+    raised = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception)\b", ln)]
+    return raised[-1] if raised else lines[0]
+
+
+def follow(job: Any) -> None:
+    """Print each state change until the job ends (through requeues)."""
+    last = None
+    while not job.done():
+        state = job.state
+        if state not in (last, "UNKNOWN"):  # UNKNOWN: not in accounting yet
+            print(f"job {job.job_id}: {state}", flush=True)
+            last = state
+        time.sleep(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, not in the queue
+    run_folder = Path(cfg.output_dir).resolve()
+    # Pin absolute paths so that the job and its requeues find the same files from any directory.
+    overrides = [o for o in args.overrides if not o.startswith("output_dir=")]
+    train_argv = [*(["--config", str(Path(args.config).resolve())] if args.config else []), *overrides]
+    train_argv.append(f"output_dir={run_folder}")
+    folder = Path(args.log_dir).resolve() if args.log_dir else run_folder / "slurm"
+    params = sbatch_parameters(args)
+
+    if args.dry_run:
+        print(render_sbatch(folder, params))
+        print(f"# each task runs: galaxydist.train.main({train_argv!r})", file=sys.stderr)
+        return 0
+
+    if not Path(cfg.data.path).exists():
+        raise UserError(f"{cfg.data.path}: prepared data not found (the job would fail at once)")
+    job = submit(args, train_argv, folder, params)
+    print(f"job id:     {job.job_id}")
+    print(f"logs:       {job.paths.stdout} (task 0; one .out/.err pair per task)")
+    print(f"            {job.paths.stderr}")
+    print(f"run folder: {run_folder}", flush=True)
+    if not args.wait:
+        return 0
+
+    follow(job)
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        job.results()
+    except UncompletedJobError as err:
+        print(f"job {job.job_id} did not complete: {job_error(err)}", file=sys.stderr)
+        print(f"see {job.paths.stderr}", file=sys.stderr)
+        return 1
+    summary = json.loads((run_folder / "summary.json").read_text())
+    print(f"job {job.job_id} completed; summary ({run_folder / 'summary.json'}):")
+    for key, value in summary.items():
+        print(f"  {key}: {json.dumps(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

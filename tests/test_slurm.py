@@ -1,0 +1,190 @@
+"""launch/submit.py and slurm/train.sbatch on a real SLURM (slurm/local-cluster.sh up).
+
+Skipped where `sinfo` fails, except under CI (env CI set), where a missing cluster is a failure.
+Every run is the demo recipe shrunk to a few hundred 32×32 images and a few epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, read_metrics, run_train, tiny_overrides
+
+from galaxydist import checkpoint
+
+pytestmark = pytest.mark.slurm
+
+SUBMIT = ROOT / "launch" / "submit.py"
+CONFIG = ROOT / "configs" / "demo.yaml"
+JOB_TIMEOUT_S = 300
+EPOCHS = 4  # enough for an interrupt to land mid-training; every run here uses the same recipe
+CPU_JOB = ["--partition", "gpu", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10"]
+
+
+def _sinfo_ok() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster() -> None:
+    if not _sinfo_ok():
+        reason = "no SLURM reachable (sinfo failed); start one with: sudo bash slurm/local-cluster.sh up"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}. CI must run the SLURM tests.")
+        pytest.skip(reason)
+
+
+def overrides(data: Path, out: Path) -> list[str]:
+    return tiny_overrides(
+        data, out, stages=f"[{{name: train, lr: 0.003, max_epochs: {EPOCHS}, patience: 10}}]"
+    )
+
+
+def submit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SUBMIT), *args], capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=ROOT
+    )
+
+
+def job_id(stdout: str) -> str:
+    match = re.search(r"^job id:\s+(\d+)$", stdout, re.M)
+    assert match, stdout
+    return match.group(1)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = JOB_TIMEOUT_S) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.2)
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_prepared) -> Path:
+    """The same recipe with torchrun on this machine: the reference every SLURM run must match."""
+    out = tmp_path_factory.mktemp("local") / "run"
+    proc = run_train(2, ["--config", str(CONFIG), *overrides(tiny_prepared, out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory, tiny_prepared) -> tuple[Path, subprocess.CompletedProcess]:
+    """submit.py --wait with 2 CPU ranks, uninterrupted."""
+    out = tmp_path_factory.mktemp("slurm") / "run"
+    proc = submit(*CPU_JOB, "--wait", "--config", str(CONFIG), *overrides(tiny_prepared, out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, proc
+
+
+def test_submit_wait_completes_like_torchrun(slurm_run, local_run):
+    out, proc = slurm_run
+    assert f"run folder: {out}" in proc.stdout
+    assert "test_accuracy" in proc.stdout  # --wait printed the summary
+    assert {"summary.json", "metrics.jsonl", "config.yaml"} <= {p.name for p in out.iterdir()}
+    assert (out / "checkpoints" / "last.pt").exists() and (out / "checkpoints" / "best.pt").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    reference = json.loads((local_run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["test_accuracy"] == reference["test_accuracy"]
+    assert summary["per_class_accuracy"] == reference["per_class_accuracy"]
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(local_run))
+
+
+def test_preempted_job_requeues_and_resumes(tmp_path, tiny_prepared, slurm_run):
+    import submitit
+
+    out = tmp_path / "run"
+    proc = submit(*CPU_JOB, "--max-requeues", "2", "--config", str(CONFIG), *overrides(tiny_prepared, out))
+    assert proc.returncode == 0, proc.stderr
+    job = submitit.SlurmJob(folder=out / "slurm", job_id=job_id(proc.stdout), tasks=(0, 1))
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "the first epoch")
+    job._interrupt()  # what a preemption sends: SIGTERM, then submitit's USR2
+    wait_until(job.done, "the requeued job to finish")
+    assert job.results() == [0, 0]
+
+    log = job.paths.stdout.read_text()
+    assert "Requeued job" in log, f"training ended before the interrupt landed:\n{log[-2000:]}"
+    assert re.search(r"resuming from .*last\.pt", log), log[-2000:]
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == list(range(EPOCHS))  # none redone, none missing
+    reference, _ = slurm_run
+    assert without_timing(records) == without_timing(read_metrics(reference))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == json.loads((reference / "summary.json").read_text())["test_accuracy"]
+    final = checkpoint.load(out / "checkpoints" / "last.pt")["model"]
+    expected = checkpoint.load(reference / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def sacct_state(jid: str) -> str:
+    """The job's state from accounting (what submitit reads too); '' until the job is known."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", jid], capture_output=True, text=True
+    )
+    return out.stdout.strip().split(" ")[0]
+
+
+def test_plain_sbatch_script_completes(tmp_path, tiny_prepared, local_run):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--partition=gpu", "--cpus-per-task=2", "--time=10",
+         f"--output={tmp_path}/sbatch-%j.out", str(ROOT / "slurm" / "train.sbatch"),
+         "--config", str(CONFIG), *overrides(tiny_prepared, out)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    jid = proc.stdout.strip().split(";")[0]
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    wait_until(lambda: sacct_state(jid) in ended, f"sbatch job {jid}")  # sbatch --wait polls too slowly
+    log = (tmp_path / f"sbatch-{jid}.out").read_text()
+    assert sacct_state(jid) == "COMPLETED", log[-3000:]
+    assert "1 node(s) x 2 rank(s)" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == json.loads((local_run / "summary.json").read_text())["test_accuracy"]
+
+
+def test_dry_run_prints_the_script_without_submitting(tmp_path, tiny_prepared):
+    out = tmp_path / "run"
+    proc = submit(
+        "--partition", "debug", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "3",
+        "--time", "01:30:00", "--dry-run", *overrides(tiny_prepared, out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    for line in ("--partition=debug", "--nodes=2", "--ntasks-per-node=3", "--time=90", "--signal=USR2@90"):
+        assert f"#SBATCH {line}" in script
+    assert "srun " in script and "submitit.core._submit" in script
+    assert "job id" not in script and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--partition", "no-such-partition"], "invalid partition specified: no-such-partition"),
+        (["--partition", "gpu", "--tasks-per-node", "64"], "More processors requested than permitted"),
+    ],
+)
+def test_rejected_request_is_one_clear_line(tmp_path, tiny_prepared, args, message):
+    proc = submit(*args, "--gpus-per-node", "0", *overrides(tiny_prepared, tmp_path / "run"))
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error: sbatch rejected the job:") and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
