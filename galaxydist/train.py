@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from . import checkpoint, distributed
 from .augment import augment, derive_seed, normalise, uniforms
 from .config import Config, dump_config, load_config
-from .data import GalaxyDataset, ShardBatches, TrainBatches, batch_source, prepared_path_hint, read_prepared
+from .data import (
+    GalaxyDataset,
+    PreparedInfo,
+    ShardBatches,
+    TrainBatches,
+    batch_source,
+    prepared_path_hint,
+    read_prepared,
+)
 from .errors import UserError, run_cli
 from .metrics import accuracy, confusion_matrix, per_class
 from .model import GalaxyCNN
@@ -94,21 +102,52 @@ class Evaluation:
     confusion: np.ndarray
 
 
+def check_data(cfg: Config, ctx: distributed.Context) -> PreparedInfo:
+    """The prepared file, checked against this run's world size and batch before anything is written."""
+    if not Path(cfg.data.path).exists():
+        raise UserError(
+            f"{cfg.data.path}: prepared data not found; make it with: {prepared_path_hint(cfg.data.path)}"
+        )
+    info = read_prepared(cfg.data.path)
+    for split, rows in info.splits.items():
+        if len(rows) == 0:
+            raise UserError(f"{cfg.data.path}: split {split!r} is empty")
+        if len(rows) < ctx.world_size:
+            raise UserError(
+                f"{cfg.data.path}: split {split!r} has {len(rows)} images, fewer than the {ctx.world_size} ranks"
+            )
+    distributed.split_batch(cfg.data.batch_size, ctx)
+    if len(info.splits["train"]) < cfg.data.batch_size:
+        raise UserError(
+            f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the "
+            f"{len(info.splits['train'])} training images of {cfg.data.path}"
+        )
+    return info
+
+
+def load_resume_state(cfg: Config, info: PreparedInfo, resume: str | None) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from (`resume`, else output_dir's last.pt), checked against this
+    run's model and classes; None for a fresh run."""
+    path = Path(resume) if resume else RunFolder(cfg.output_dir).checkpoints / "last.pt"
+    if not path.exists():
+        if resume:
+            raise UserError(f"{resume}: checkpoint not found")
+        return None
+    state = checkpoint.load(path)
+    saved_model = state.get("config", {}).get("model")
+    if saved_model != asdict(cfg.model) or state.get("class_names") != list(info.class_names):
+        raise UserError(
+            f"{path}: checkpoint is for another model or class list ({saved_model}); "
+            "use another output_dir or matching model settings"
+        )
+    return path, state
+
+
 class Trainer:
-    def __init__(self, cfg: Config, ctx: distributed.Context) -> None:
-        self.cfg, self.ctx = cfg, ctx
-        self.info = read_prepared(cfg.data.path)
-        for split, rows in self.info.splits.items():
-            if len(rows) < ctx.world_size:
-                raise UserError(
-                    f"{cfg.data.path}: split {split!r} has {len(rows)} images, fewer than {ctx.world_size} ranks"
-                )
+    def __init__(self, cfg: Config, ctx: distributed.Context, info: PreparedInfo) -> None:
+        self.cfg, self.ctx, self.info = cfg, ctx, info
         self.per_rank_batch = distributed.split_batch(cfg.data.batch_size, ctx)
         self.eval_batch = max(1, cfg.data.eval_batch_size // ctx.world_size)
-        if len(self.info.splits["train"]) < cfg.data.batch_size:
-            raise UserError(
-                f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the {len(self.info.splits['train'])} training images"
-            )
         on_cuda = ctx.device.type == "cuda"
         self.bf16 = on_cuda if cfg.speed.bf16 == "auto" else cfg.speed.bf16
         self.channels_last = cfg.speed.channels_last
@@ -145,7 +184,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
 
     # --- the run, top to bottom -------------------------------------------------------------
-    def fit(self, resume: str | None = None) -> dict[str, Any]:
+    def fit(self, resume: tuple[Path, dict] | None = None) -> dict[str, Any]:
         pos = self.restore(resume)
         stages = self.cfg.stages
         while pos.stage < len(stages):
@@ -303,19 +342,11 @@ class Trainer:
             state["val_accuracy"] = val.accuracy
         checkpoint.save(state, self.run.checkpoints / name)
 
-    def restore(self, resume: str | None) -> Position:
-        """Continue from `resume` or output_dir's last.pt when there is one; else start fresh."""
-        path = Path(resume) if resume else self.run.checkpoints / "last.pt"
-        if not path.exists():
-            if resume:
-                raise UserError(f"{resume}: checkpoint not found")
+    def restore(self, resume: tuple[Path, dict] | None) -> Position:
+        """Weights, optimiser and position from a checked checkpoint (see load_resume_state)."""
+        if resume is None:
             return Position()
-        state = checkpoint.load(path)
-        saved_model = state.get("config", {}).get("model")
-        if saved_model != asdict(self.cfg.model) or state.get("class_names") != list(self.info.class_names):
-            raise UserError(
-                f"{path}: checkpoint is for another model or class list ({saved_model}); use another output_dir"
-            )
+        path, state = resume
         self.model.load_state_dict(state["model"])
         pos = Position(**state["position"])
         if "optimizer" in state and pos.stage < len(self.cfg.stages):
@@ -396,15 +427,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if not Path(cfg.data.path).exists():
-        raise UserError(
-            f"{cfg.data.path}: prepared data not found; make it with: {prepared_path_hint(cfg.data.path)}"
-        )
     previous = {s: signal.signal(s, _request_stop) for s in STOP_SIGNALS}
     ctx = distributed.setup(cfg.distributed.timeout_s)
     try:
+        # Every rank reads the same files, so a bad input fails on all of them alike, before any write.
+        info = check_data(cfg, ctx)
+        resume = load_resume_state(cfg, info, args.resume)
         prepare_run_folder(cfg, ctx)
-        Trainer(cfg, ctx).fit(args.resume)
+        Trainer(cfg, ctx, info).fit(resume)
         return 0
     except Interrupted:
         print(f"rank {ctx.rank}: stopped by signal; last.pt saved, run again to resume", file=sys.stderr)
