@@ -204,7 +204,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     except OSError as err:
         raise UserError(f"{path}: cannot read config ({err.strerror})") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise UserError(f"{path}: not valid YAML ({where}{getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of keys")
     data = _with_defaults(data)

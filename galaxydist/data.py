@@ -35,6 +35,7 @@ class PreparedInfo:
     class_weights: np.ndarray
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop: int  # side of the source's central square that became image_size
 
     @property
     def num_classes(self) -> int:
@@ -83,6 +84,7 @@ def read_prepared(path: str | os.PathLike) -> PreparedInfo:
             class_weights=f["class_weights"][()].astype(np.float64),
             mean=tuple(float(v) for v in f.attrs["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in f.attrs["std"]),  # type: ignore[arg-type]
+            crop=int(f.attrs.get("crop", shape[1])),
         )
     if len(labels) != shape[0] or labels.min(initial=0) < 0 or labels.max(initial=0) >= len(class_names):
         raise UserError(f"{path}: labels do not match the images or the class list; re-prepare")

@@ -48,12 +48,35 @@ def setup(timeout_s: float = 600.0, use_cuda: bool | None = None) -> Context:
     else:
         device = torch.device("cpu")
     if "RANK" in os.environ and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
+            store=_restart_store(rank, world_size, timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=device if use_cuda else None,
         )
     return Context(rank, world_size, local_rank, device)
+
+
+def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT, with keys private to this restart.
+
+    torchrun keeps one store across `--max-restarts` restarts; a restarted group that read the
+    addresses its killed predecessor left there would dial closed ports (seen here: gloo's
+    "connectFullMesh failed ... Connection refused" after a kill -9).
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    return dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import signal
 import sys
 import time
@@ -334,6 +335,7 @@ class Trainer:
             "mean": list(self.info.mean),
             "std": list(self.info.std),
             "image_size": self.info.image_size,
+            "crop": self.info.crop,
             "position": asdict(pos),
         }
         if name == "last.pt" and self.optimizer is not None:
@@ -398,13 +400,25 @@ class Trainer:
                 bar.advance(task)
 
 
-def prepare_run_folder(cfg: Config, ctx: distributed.Context) -> None:
-    """Rank 0 creates the run folder and saves the resolved config; every rank learns if it failed."""
+def checkpoint_bytes(cfg: Config, num_classes: int) -> int:
+    """Room the checkpoints need: last.pt and best.pt, with Adam's two moments, plus one being written."""
+    params = sum(p.numel() for p in GalaxyCNN(cfg.model.channels, num_classes).parameters())
+    return 4 * params * (3 + 1 + 3) + 2**20
+
+
+def prepare_run_folder(cfg: Config, ctx: distributed.Context, info: PreparedInfo) -> None:
+    """Rank 0 creates the run folder, checks there is room for the checkpoints and saves the
+    resolved config, before any training; every rank learns if that failed."""
     error = None
     if ctx.is_main:
+        run = RunFolder(cfg.output_dir)
         try:
-            RunFolder(cfg.output_dir).checkpoints.mkdir(parents=True, exist_ok=True)
-            RunFolder(cfg.output_dir).write_text("config.yaml", dump_config(cfg))
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+            free, needed = shutil.disk_usage(run.checkpoints).free, checkpoint_bytes(cfg, info.num_classes)
+            if free < needed:
+                error = f"{cfg.output_dir}: only {free / 2**20:.1f} MB free, checkpoints need {needed / 2**20:.1f} MB"
+            else:
+                run.write_text("config.yaml", dump_config(cfg))
         except OSError as err:
             error = f"{cfg.output_dir}: cannot write the run folder ({err.strerror})"
     error = distributed.broadcast_object(error)
@@ -433,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank reads the same files, so a bad input fails on all of them alike, before any write.
         info = check_data(cfg, ctx)
         resume = load_resume_state(cfg, info, args.resume)
-        prepare_run_folder(cfg, ctx)
+        prepare_run_folder(cfg, ctx, info)
         Trainer(cfg, ctx, info).fit(resume)
         return 0
     except Interrupted:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,63 @@ def run_train(nproc: int, overrides: list[str], timeout: float = 300, extra_env:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+REFERENCE_STAGES = "[{name: t, lr: 0.003, max_epochs: 4, patience: 9}]"
+
+
+def reference_overrides(data: Path, out: Path) -> list[str]:
+    """The 4-epoch, 2-rank run that fault tests disturb and compare against (dropout on)."""
+    return tiny_overrides(data, out, stages=REFERENCE_STAGES, **{"model.dropout": 0.3})
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_prepared) -> Path:
+    """An undisturbed 2-rank run of `reference_overrides`."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run_train(2, reference_overrides(tiny_prepared, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+# --- tracking and reports: W&B confined to a temporary folder, a run shared by those tests -------
+WANDB_SECRET = "secret-sentinel-123"
+
+
+def wandb_env(root: Path) -> dict[str, str]:
+    """W&B kept inside `root` and off the network: offline, no user settings or netrc, and an API
+    key that must never be written anywhere."""
+    home = root / "wandb_home"
+    return {
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": WANDB_SECRET,
+        "WANDB_DIR": str(home / "dir"),
+        "WANDB_CONFIG_DIR": str(home / "config"),
+        "WANDB_CACHE_DIR": str(home / "cache"),
+        "WANDB_DATA_DIR": str(home / "data"),
+        "WANDB_ARTIFACT_DIR": str(home / "artifacts"),
+        "NETRC": str(home / "netrc"),
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # should anything try the network, it fails at once
+    }
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    run: Path  # the run folder
+    home: Path  # the temporary folder W&B's own settings and caches were confined to
+    output: str  # stdout and stderr of the training
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_prepared) -> TrainedRun:
+    """A tiny 2-rank run logged to W&B offline (with a sentinel API key in the environment);
+    read, never modified, by the tracking, evaluate and predict tests."""
+    root = tmp_path_factory.mktemp("trained")
+    overrides = tiny_overrides(
+        tiny_prepared,
+        root / "run",
+        **{"tracking.wandb": "offline", "tracking.group": "tests", "tracking.tags": "[tiny,ci]"},
+    )
+    result = run_train(2, overrides, extra_env=wandb_env(root))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return TrainedRun(root / "run", root / "wandb_home", result.stdout + result.stderr)

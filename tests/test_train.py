@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import ROOT, free_port, read_metrics, run_train, tiny_overrides
+from conftest import ROOT, free_port, read_metrics, reference_overrides, run_train, tiny_overrides
 
 from galaxydist import synthetic
 from galaxydist.data import read_prepared
@@ -129,39 +129,57 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
-def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tiny_prepared, tmp_path, sig):
-    """4 epochs straight ≡ stopped by a signal mid-epoch after 2, then resumed for the rest."""
-    stages = "[{name: t, lr: 0.003, max_epochs: 4, patience: 9}]"
-    straight = run_train(
-        2, tiny_overrides(tiny_prepared, tmp_path / "straight", stages=stages, **{"model.dropout": 0.3})
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    run = tmp_path / "resumed"
-    args = tiny_overrides(tiny_prepared, run, stages=stages, **{"model.dropout": 0.3})
+def start_torchrun(args: list[str], *torchrun_flags: str) -> subprocess.Popen:
+    """torchrun with the c10d rendezvous, as a restartable (elastic) job is launched."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", "-m", "galaxydist.train", *args,
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}", *torchrun_flags, "-m", "galaxydist.train", *args,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(run: Path, count: int) -> None:
     metrics = run / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 240, "two epochs")
+    wait_for(
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= count, 240, f"{count} epochs"
+    )
+
+
+def assert_same_run(reference: Path, run: Path) -> None:
+    """Same final parameters, and the same per-epoch metrics with no epoch lost or repeated."""
+    assert_same_state(final_state(reference), final_state(run), rtol=1e-5, atol=1e-6)
+    a, b = read_metrics(reference), read_metrics(run)
+    assert [m["epoch"] for m in b] == [m["epoch"] for m in a] == [0, 1, 2, 3]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        np.testing.assert_allclose([m[key] for m in a], [m[key] for m in b], rtol=1e-5, err_msg=key)
+    summary_a, summary_b = (json.loads((r / "summary.json").read_text()) for r in (reference, run))
+    assert summary_a["test_confusion"] == summary_b["test_confusion"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
+    tiny_prepared, reference_run, tmp_path, sig
+):
+    """4 epochs straight ≡ stopped by a signal mid-run, then resumed by running the same command."""
+    run = tmp_path / "resumed"
+    args = reference_overrides(tiny_prepared, run)
+    proc = start_torchrun(args)
+    wait_for_epochs(run, 2)
+    started = time.monotonic()
     for worker in workers_of(proc):
         worker.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert "stopped by signal; last.pt saved" in stderr, stderr[-3000:]
+    assert time.monotonic() - started < 30  # every rank left within seconds
+    assert stderr.count("stopped by signal; last.pt saved") == 2, stderr[-3000:]
+    assert "exitcode  : 75" in stderr  # EXIT_INTERRUPTED, as documented
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["position"]
     assert (stopped["stage"], stopped["epoch"]) < (1, 0)  # it really stopped before the end
 
     resumed = run_train(2, args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
-    assert_same_state(final_state(tmp_path / "straight"), final_state(run), rtol=1e-5, atol=1e-6)
-    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
-    assert [m["epoch"] for m in b] == [0, 1, 2, 3]  # no epoch redone or lost
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-        np.testing.assert_allclose([m[key] for m in a], [m[key] for m in b], rtol=1e-5, err_msg=key)
+    assert_same_run(reference_run, run)
 
 
 def test_demo_recipe_learns_far_above_chance(tmp_path_factory):

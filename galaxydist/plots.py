@@ -1,0 +1,99 @@
+"""The run's pictures: training curves and confusion matrices as PNG files.
+
+matplotlib is imported inside the functions and drawn on an Agg canvas (no pyplot, no global
+backend switch), so importing this module costs nothing and works without a display. Figures have
+a fixed size in pixels (no tight bounding box) so that a reader, or a test, knows what to expect.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .atomic import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DPI = 100
+CURVES_INCHES = (11.0, 4.2)
+CONFUSION_INCHES = (8.0, 7.0)
+CURVES_PIXELS = (round(CURVES_INCHES[0] * DPI), round(CURVES_INCHES[1] * DPI))  # (width, height)
+CONFUSION_PIXELS = (round(CONFUSION_INCHES[0] * DPI), round(CONFUSION_INCHES[1] * DPI))
+
+
+def _figure(inches: tuple[float, float]) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=inches, dpi=DPI, layout="constrained")  # fits labels inside the fixed size
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    """Atomically: a viewer refreshing the file never sees half a PNG."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Loss and accuracy, train and val, one point per epoch; dashed lines where a stage starts."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(CURVES_INCHES)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    x = np.arange(1, len(records) + 1)
+    for ax, metric, label in ((loss_ax, "loss", "weighted cross-entropy"), (acc_ax, "acc", "accuracy")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            ax.plot(x, [r[f"{split}_{metric}"] for r in records], style, markersize=3, label=split)
+        ax.set_xlabel("epoch (all stages)")
+        ax.set_ylabel(label)
+        ax.set_xlim(0.5, len(records) + 0.5)  # stage labels sit at the half-epoch boundaries
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    for i, record in enumerate(records):
+        if i == 0 or record["stage_index"] != records[i - 1]["stage_index"]:
+            for ax in (loss_ax, acc_ax):
+                if i:
+                    ax.axvline(i + 0.5, color="grey", linestyle="--", linewidth=1)
+                ax.annotate(
+                    record["stage"],
+                    (i + 0.5, 1.01),
+                    xycoords=("data", "axes fraction"),
+                    va="bottom",
+                    fontsize=8,
+                    color="grey",
+                )
+    _save(fig, path)
+
+
+def plot_confusion(
+    cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, title: str = "Confusion matrix"
+) -> None:
+    """Colours are row-normalised (recall per true class, comparable across class sizes); the
+    numbers written in the cells are the raw counts."""
+    cm = np.asarray(cm, dtype=np.int64)
+    support = cm.sum(1, keepdims=True)
+    fractions = np.divide(cm, support, out=np.zeros(cm.shape), where=support > 0)
+    fig = _figure(CONFUSION_INCHES)
+    ax = fig.subplots()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+    k = len(class_names)
+    small = k > 12
+    for (i, j), count in np.ndenumerate(cm):
+        colour = "white" if fractions[i, j] > 0.55 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", color=colour, fontsize=6 if small else 8)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=7 if small else 8)
+    ax.set_yticks(range(k), class_names, fontsize=7 if small else 8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    total = int(cm.sum())
+    accuracy = np.trace(cm) / total if total else 0.0
+    ax.set_title(f"{title} — {total} images, accuracy {accuracy:.3f}", fontsize=10)
+    _save(fig, path)

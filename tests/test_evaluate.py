@@ -1,0 +1,179 @@
+"""evaluate and predict: the same numbers as training, the same answers on the same images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+from galaxydist import evaluate, predict
+from galaxydist.data import read_prepared
+from galaxydist.errors import run_cli
+from galaxydist.evaluate import SplitImages, load_model, predict_proba
+from galaxydist.model import GalaxyCNN
+from galaxydist.plots import CONFUSION_PIXELS
+from galaxydist.predict import Geometry
+from galaxydist.prepare import centre_square, prepare
+
+
+def test_evaluate_cli_reproduces_the_runs_test_report_and_adds_tta(trained_run, tmp_path):
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, "-m", "galaxydist.evaluate", str(trained_run.run), "--tta", "--out", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((trained_run.run / "summary.json").read_text())
+    report = json.loads((out / "summary.json").read_text())
+    plain, tta = report["plain"], report["tta"]
+    assert plain["confusion"] == trained["test_confusion"]
+    assert plain["accuracy"] == trained["test_accuracy"]
+    assert plain["loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+    assert (out / "per_class.csv").read_text() == (trained_run.run / "per_class.csv").read_text()
+    # TTA: its own report, both numbers side by side in the summary, the table and the console.
+    assert np.sum(tta["confusion"]) == report["images"] == np.sum(plain["confusion"])
+    assert report["tta_gain"] == pytest.approx(tta["accuracy"] - plain["accuracy"])
+    assert (
+        f"| **overall** | {report['images']} | {plain['accuracy']:.3f} | {tta['accuracy']:.3f} |"
+        in (out / "tta.md").read_text()
+    )
+    assert f"accuracy {plain['accuracy']:.4f}" in result.stdout
+    assert f"with TTA {tta['accuracy']:.4f}" in result.stdout
+    for name in ("confusion_test.png", "confusion_test_tta.png"):
+        with Image.open(out / name) as image:
+            assert image.size == CONFUSION_PIXELS
+    assert (out / "per_class_tta.csv").exists() and (out / "per_class_tta.md").exists()
+
+
+def test_evaluate_a_checkpoint_file_on_val_writes_beside_its_run(trained_run, tmp_path):
+    best = tmp_path / "copy" / "checkpoints" / "best.pt"
+    best.parent.mkdir(parents=True)
+    shutil.copy(trained_run.run / "checkpoints" / "best.pt", best)
+    report = evaluate.evaluate(best, split="val")
+    assert report["folder"] == str(tmp_path / "copy" / "eval_val")
+    trained = json.loads((trained_run.run / "summary.json").read_text())
+    assert report["plain"]["accuracy"] == trained["val_accuracy"]
+
+
+def test_tta_is_invariant_under_the_symmetries_of_the_square(trained_run, tiny_prepared):
+    model, meta = load_model(trained_run.run)
+    images = SplitImages(read_prepared(tiny_prepared), "test")[0:16]
+    tta = predict_proba(model, images, meta.mean, meta.std, tta=True, description=None)
+    for variant in (
+        np.rot90(images, 1, axes=(2, 3)),
+        images[..., ::-1],
+        np.rot90(images[..., ::-1], 3, axes=(2, 3)),
+    ):
+        moved = predict_proba(
+            model, np.ascontiguousarray(variant), meta.mean, meta.std, tta=True, description=None
+        )
+        np.testing.assert_allclose(moved, tta, atol=1e-5)
+    plain = predict_proba(model, images, meta.mean, meta.std, description=None)
+    assert not np.allclose(plain, tta, atol=1e-4)  # the views really differ
+    np.testing.assert_allclose(tta.sum(1), 1.0, rtol=1e-5)
+
+
+def test_predict_agrees_with_evaluate_on_png_files_and_the_raw_h5(
+    trained_run, tiny_prepared, raw_small, tmp_path, capsys
+):
+    """Test images as PNGs at the training size and at the raw 48×48 (centre-cropped like prepare),
+    and the raw Galaxy10-format file itself: the probabilities evaluate computes."""
+    info = read_prepared(tiny_prepared)
+    n = 12
+    model, meta = load_model(trained_run.run)
+    images = SplitImages(info, "test")[0:n]
+    expected = predict_proba(model, images, meta.mean, meta.std, description=None)
+    rows = info.splits["test"][:n]
+    with h5py.File(raw_small) as f:
+        raw = f["images"][np.sort(rows)]
+        raw_count = len(f["images"])
+    pngs = []
+    for i in range(n):
+        for kind, pixels in (("train", images[i].transpose(1, 2, 0)), ("raw", raw[i])):
+            pngs.append(tmp_path / f"{kind}_{i:02d}.png")
+            Image.fromarray(pixels).save(pngs[-1])
+    out = tmp_path / "preds.csv"
+    best = trained_run.run / "checkpoints" / "best.pt"
+    inputs = [*map(str, pngs), str(raw_small), str(pngs[0])]
+    assert run_cli(predict.main, [str(best), *inputs, "--out", str(out)]) == 0
+    table = list(csv.DictReader(out.open()))
+    assert len(table) == 2 * n + raw_count + 1
+    assert table[-1] == table[0]  # input order is kept, an image file after an .h5 too
+    probs = np.array([[float(r[f"p_{name}"]) for name in info.class_names] for r in table])
+    np.testing.assert_allclose(probs[0 : 2 * n : 2], expected, atol=2e-6)  # PNGs at the training size
+    np.testing.assert_allclose(probs[1 : 2 * n : 2], expected, atol=2e-6)  # raw PNGs, centre-cropped
+    np.testing.assert_allclose(probs[2 * n : -1][rows], expected, atol=2e-6)  # rows of the raw .h5
+    assert [int(r["predicted"]) for r in table[: 2 * n : 2]] == expected.argmax(1).tolist()
+    assert all(r["class_name"] == info.class_names[int(r["predicted"])] for r in table)
+    assert [(r["file"], r["index"]) for r in table[2 * n : 2 * n + 2]] == [
+        (str(raw_small), "0"),
+        (str(raw_small), "1"),
+    ]
+    printed = capsys.readouterr().out
+    assert f"wrote {len(table)} predictions" in printed and printed.count("p=") == predict.PRINTED_ROWS
+
+
+def test_geometry_cuts_the_training_square_or_the_largest_one():
+    images = np.random.default_rng(0).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)
+    as_trained = Geometry(size=32, crop=32, fit="crop").apply(images)
+    assert np.array_equal(as_trained, images[:, 8:40, 4:36].transpose(0, 3, 1, 2))
+    small = images[:, :20, :30]  # smaller than the crop: its largest central square, resized up
+    assert np.array_equal(
+        Geometry(32, 32, "crop").apply(small), centre_square(small[:, :, 5:25], 20, 32).transpose(0, 3, 1, 2)
+    )
+    resized = Geometry(16, 32, "resize").apply(images)  # `--fit resize`: the largest square, resized
+    assert np.array_equal(resized, centre_square(images[:, 4:44], 40, 16).transpose(0, 3, 1, 2))
+    # `prepare --crop 32 --resize 16` and a checkpoint trained on it cut the same pixels.
+    assert np.array_equal(
+        Geometry(16, 32, "crop").apply(images), centre_square(images, 32, 16).transpose(0, 3, 1, 2)
+    )
+
+
+def test_bad_inputs_exit_2_with_one_line(trained_run, tiny_prepared, raw_small, tmp_path, capsys):
+    best = trained_run.run / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    five = tmp_path / "five.pt"
+    channels = state["config"]["model"]["channels"]
+    torch.save(
+        {**state, "class_names": state["class_names"][:5], "model": GalaxyCNN(channels, 5).state_dict()}, five
+    )
+    hollow = tmp_path / "hollow.pt"
+    torch.save({"model": state["model"]}, hollow)
+    small = tmp_path / "small.h5"
+    prepare(str(raw_small), str(small), crop=24)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    no_images = tmp_path / "labels_only.h5"
+    with h5py.File(no_images, "w") as f:
+        f["ans"] = np.zeros(3, dtype=np.int64)
+    cases = [
+        (evaluate.main, [str(tmp_path / "missing")], "checkpoint not found"),
+        (evaluate.main, [str(notes)], "not a loadable galaxydist checkpoint"),
+        (evaluate.main, [str(hollow)], "not a galaxydist model checkpoint"),
+        (evaluate.main, [str(five), "--data", str(tiny_prepared)], "a 5-class model, but"),
+        (evaluate.main, [str(best), "--data", str(small)], "trained on 32×32 images"),
+        (evaluate.main, [str(best), "--data", str(tmp_path / "nope.h5")], "not found"),
+        (predict.main, [str(tmp_path / "missing.pt"), str(notes)], "checkpoint not found"),
+        (predict.main, [str(best), str(notes)], "not an image Pillow can read"),
+        (predict.main, [str(best), str(tmp_path / "nope.png")], "input not found"),
+        (predict.main, [str(best), str(no_images)], "no 'images' dataset"),
+    ]
+    for main, argv, message in cases:
+        assert run_cli(main, argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    cli = subprocess.run(
+        [sys.executable, "-m", "galaxydist.predict", str(tmp_path / "missing.pt"), str(notes)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 2 and cli.stderr.startswith("error: ") and cli.stderr.count("\n") == 1

@@ -1,0 +1,278 @@
+"""Failure injection: real processes, real signals, real gloo groups; and the bad-input table."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+import torch
+from conftest import reference_overrides, run_train, tiny_overrides
+from test_train import HELPERS, assert_same_run, start_torchrun, torchrun_script, wait_for_epochs, workers_of
+
+from galaxydist import checkpoint
+from galaxydist.errors import UserError
+from galaxydist.prepare import write_prepared
+
+
+def test_kill_9_of_one_worker_restarts_and_ends_like_an_undisturbed_run(
+    tiny_prepared, reference_run, tmp_path
+):
+    run = tmp_path / "killed"
+    proc = start_torchrun(reference_overrides(tiny_prepared, run), "--max-restarts=1")
+    wait_for_epochs(run, 2)
+    victim = workers_of(proc)[-1]
+    victim.kill()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert_same_run(reference_run, run)
+
+
+def leftover_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if marker in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+    return found
+
+
+def test_exception_on_one_rank_ends_every_rank_within_the_collective_timeout(tiny_prepared, tmp_path):
+    run = tmp_path / "crash"
+    timeout_s = 20
+    args = tiny_overrides(tiny_prepared, run, **{"distributed.timeout_s": timeout_s})
+    started = time.monotonic()
+    result = torchrun_script(2, HELPERS / "patched_train.py", ["raise", "1", "3", "--", *args], timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stderr
+    assert elapsed < timeout_s + 30, elapsed
+    assert leftover_processes(str(run)) == []
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    script = f"""
+import os, signal, torch
+from galaxydist import checkpoint
+checkpoint.save({{"step": 1, "w": torch.ones(3)}}, {str(path)!r})
+
+def dies_halfway(obj, f):
+    with open(f, "wb") as out:
+        out.write(b"PK\\x03\\x04 half a zip")
+        out.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = dies_halfway
+checkpoint.save({{"step": 2, "w": torch.zeros(3)}}, {str(path)!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL
+    state = checkpoint.load(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    partial = [p for p in path.parent.iterdir() if p.name != "last.pt"]
+    assert len(partial) == 1 and partial[0].name.startswith(".last.pt.")  # never named like a checkpoint
+
+
+def test_unwritable_output_folder_fails_before_training(tiny_prepared, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run_train(0, tiny_overrides(tiny_prepared, blocker / "run"))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "cannot write the run folder" in line and "epoch" not in result.stdout
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_output_disk_fails_before_training(tiny_prepared, tiny_disk):
+    result = run_train(0, tiny_overrides(tiny_prepared, tiny_disk / "run"))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "MB free, checkpoints need" in line and "epoch" not in result.stdout
+    assert not (tiny_disk / "run" / "config.yaml").exists()
+
+
+# --- bad input: one line naming the problem, exit 2, nothing written ------------------------
+
+
+def bad_prepared(tmp_path: Path, tiny_prepared: Path, change: str) -> Path:
+    path = tmp_path / f"{change}.h5"
+    path.write_bytes(tiny_prepared.read_bytes())
+    if change == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 4096)
+    else:
+        with h5py.File(path, "r+") as f:
+            if change == "version":
+                f.attrs["galaxydist_format"] = 99
+            elif change == "empty_split":
+                del f["splits/val"]
+                f.create_dataset("splits/val", data=np.zeros(0, dtype=np.int64))
+            elif change == "modified_shape":
+                del f["labels"]
+                f.create_dataset("labels", data=np.zeros(5, dtype=np.int64))
+    return path
+
+
+def two_image_splits(tmp_path: Path) -> Path:
+    """A prepared file whose splits hold 2 images each (2 classes × 3 images)."""
+    path = tmp_path / "two.h5"
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    slabs = [np.zeros((6, 8, 8, 3), dtype=np.uint8)]
+    write_prepared(str(path), slabs, labels, 8, ["a", "b"], 0, {}, {"source_name": "test"})
+    return path
+
+
+def foreign_checkpoint(tmp_path: Path, tiny_prepared: Path) -> Path:
+    """A real checkpoint from a run with other channels."""
+    run = tmp_path / "other-model"
+    overrides = tiny_overrides(tiny_prepared, run, **{"model.channels": "[4,4,4,4,4]"})
+    overrides[-1] = "stages=[{name: t, lr: 0.003, max_epochs: 1, patience: 1}]"
+    assert run_train(0, overrides).returncode == 0
+    return run / "checkpoints" / "last.pt"
+
+
+BAD_TRAIN_INPUTS = {  # case: (options, overrides applied last, message)
+    "unknown config key": ([], ["data.shufle=true"], "unknown config key 'data.shufle'"),
+    "wrong type": ([], ["data.batch_size=big"], "'data.batch_size': expected int"),
+    "negative lr": ([], ["stages.0.lr=-0.1"], "'stages.0.lr': must be positive"),
+    "zero patience": ([], ["stages.0.patience=0"], "'stages.0.patience'"),
+    "bad wandb mode": ([], ["tracking.wandb=maybe"], "'tracking.wandb'"),
+    "override without =": ([], ["seed"], "expected key=value"),
+    "missing config file": (["--config", "/nonexistent/c.yaml"], [], "cannot read config"),
+    "missing data path": ([], ["data.path=/nonexistent/p.h5"], "prepared data not found"),
+    "batch larger than train split": ([], ["data.batch_size=4096"], "exceeds the"),
+    "resume checkpoint missing": (["--resume", "/nonexistent/last.pt"], [], "checkpoint not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAIN_INPUTS))
+def test_bad_train_input(case, tiny_prepared, tmp_path):
+    options, overrides, message = BAD_TRAIN_INPUTS[case]
+    out = tmp_path / "run"
+    result = run_train(0, [*options, *tiny_overrides(tiny_prepared, out), *overrides])
+    assert_one_line_error(result, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("version", "prepared with format 99"),
+        ("truncated", "truncated"),
+        ("empty_split", "split 'val' is empty"),
+        ("modified_shape", "labels do not match the images"),
+    ],
+)
+def test_bad_prepared_file(change, message, tiny_prepared, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(0, tiny_overrides(bad_prepared(tmp_path, tiny_prepared, change), out))
+    assert_one_line_error(result, message)
+    assert not out.exists()
+
+
+def test_batch_not_divisible_by_world_size(tiny_prepared, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(2, tiny_overrides(tiny_prepared, out, **{"data.batch_size": 33}))
+    assert result.returncode != 0
+    assert (
+        result.stderr.count(
+            "error: config key 'data.batch_size': global batch 33 does not divide over 2 ranks"
+        )
+        == 2
+    )
+    assert not out.exists()
+
+
+def test_world_size_larger_than_a_split(tmp_path):
+    out = tmp_path / "run"
+    data = two_image_splits(tmp_path)
+    result = run_train(3, tiny_overrides(data, out, **{"data.batch_size": 3}))
+    assert result.returncode != 0
+    assert result.stderr.count("split 'train' has 2 images, fewer than the 3 ranks") == 3
+    assert not out.exists()
+
+
+def test_checkpoint_from_another_model_shape(tiny_prepared, tmp_path):
+    other = foreign_checkpoint(tmp_path, tiny_prepared)
+    out = tmp_path / "run"
+    result = run_train(0, ["--resume", str(other), *tiny_overrides(tiny_prepared, out)])
+    assert_one_line_error(result, "checkpoint is for another model")
+    assert not out.exists()
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-2000:]
+
+
+# --- security ----------------------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_does_not_execute(tmp_path, tiny_prepared):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(marker)}, evil)
+    with open(tmp_path / "control.pkl", "wb") as f:  # the payload is live: plain pickle runs it
+        pickle.dump(Payload(tmp_path / "control"), f)
+    with open(tmp_path / "control.pkl", "rb") as f:
+        pickle.load(f)
+    assert (tmp_path / "control").exists()
+
+    with pytest.raises(UserError, match="not a loadable galaxydist checkpoint"):
+        checkpoint.load(evil)
+    result = run_train(0, ["--resume", str(evil), *tiny_overrides(tiny_prepared, tmp_path / "run")])
+    assert_one_line_error(result, "not a loadable galaxydist checkpoint")
+    assert not marker.exists()
+
+
+def test_yaml_config_cannot_construct_objects(tmp_path):
+    marker = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'seed: !!python/object/apply:os.system ["touch {marker}"]\n')
+    result = run_train(0, ["--config", str(config)])
+    assert_one_line_error(result, "not valid YAML")
+    assert not marker.exists()
+
+
+def test_no_secret_reaches_the_run_folder_or_logs(tiny_prepared, tmp_path):
+    secret = "secret-sentinel-4b1d"
+    out = tmp_path / "run"
+    env = {"WANDB_API_KEY": secret, "HF_TOKEN": secret, "GITHUB_TOKEN": secret}
+    overrides = tiny_overrides(tiny_prepared, out, **{"tracking.wandb": "offline"})
+    result = run_train(2, overrides, extra_env={**env, "WANDB_DIR": str(out), "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert secret not in result.stdout + result.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".pt" for p in files)
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
