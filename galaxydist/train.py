@@ -103,6 +103,24 @@ class Evaluation:
     confusion: np.ndarray
 
 
+class StepFlags:
+    """A step's all-reduced flags, copied to the host without waiting: read at the next step, so
+    the host never stalls the device mid-epoch (on CPU the copy is immediate)."""
+
+    def __init__(self, flags: torch.Tensor, step: int) -> None:
+        self.step = step
+        self.host = flags.to("cpu", non_blocking=True)
+        self.ready = None
+        if flags.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def values(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
 def check_data(cfg: Config, ctx: distributed.Context) -> PreparedInfo:
     """The prepared file, checked against this run's world size and batch before anything is written."""
     if not Path(cfg.data.path).exists():
@@ -247,7 +265,9 @@ class Trainer:
             pos.train_sums if ctx.is_main else [0.0] * 4, dtype=torch.float64, device=ctx.device
         )
         started = time.perf_counter() - pos.seconds
+        pending: StepFlags | None = None
         for images, labels, rows in self.progress(self.train_loader, f"epoch {pos.epoch + 1}"):
+            self.act_on(pending, pos, sums, started)
             torch.manual_seed(derive_seed(cfg.seed, epoch_key, pos.step, ctx.rank))  # dropout
             x, y = self.to_inputs(images, labels, rows, epoch_key, train=True)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -261,34 +281,39 @@ class Trainer:
             flags[0] = w.sum()
             flags[1] = float(_stop_requested)
             flags[2 + ctx.rank] = (~torch.isfinite(weighted_sum)).double()
-            flags = distributed.all_reduce_sum(flags).tolist()
-            bad_ranks = [r for r, bad in enumerate(flags[2:]) if bad]
-            if bad_ranks:
-                raise NonFiniteLoss(
-                    f"non-finite loss on rank {bad_ranks[0]} at stage {pos.stage} epoch {pos.epoch} step {pos.step}"
-                )
+            flags = distributed.all_reduce_sum(flags)
+            pending = StepFlags(flags, pos.step)
             loss = weighted_sum * ctx.world_size / flags[0]  # DDP averages over ranks
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             pos.step += 1
             with torch.no_grad():
+                count = (y >= 0).sum()  # len(y), counted on the device: no host-to-device copy
                 sums += torch.stack(
-                    [
-                        weighted_sum.detach(),
-                        w.sum(),
-                        (logits.argmax(1) == y).sum(),
-                        torch.tensor(len(y), device=ctx.device),
-                    ]
+                    [weighted_sum.detach(), w.sum(), (logits.argmax(1) == y).sum(), count]
                 ).double()
-            if flags[1]:
-                pos.train_sums = distributed.all_reduce_sum(sums.clone()).tolist()
-                pos.seconds = time.perf_counter() - started
-                self.save("last.pt", pos)
-                raise Interrupted
+        self.act_on(pending, pos, sums, started)
         seconds = time.perf_counter() - started
         wloss, wsum, correct, n = distributed.all_reduce_sum(sums).tolist()
         return wloss / wsum, correct / n, seconds, int(n)
+
+    def act_on(self, flags: StepFlags | None, pos: Position, sums: torch.Tensor, started: float) -> None:
+        """Stop every rank together on the previous step's flags: a non-finite loss anywhere, or a
+        stop signal (then last.pt records the position after that step)."""
+        if flags is None:
+            return
+        _, stop, *bad = flags.values()
+        bad_ranks = [r for r, is_bad in enumerate(bad) if is_bad]
+        if bad_ranks:
+            raise NonFiniteLoss(
+                f"non-finite loss on rank {bad_ranks[0]} at stage {pos.stage} epoch {pos.epoch} step {flags.step}"
+            )
+        if stop:
+            pos.train_sums = distributed.all_reduce_sum(sums.clone()).tolist()
+            pos.seconds = time.perf_counter() - started
+            self.save("last.pt", pos)
+            raise Interrupted
 
     @torch.no_grad()
     def evaluate(self, split: str) -> Evaluation:
