@@ -1,6 +1,8 @@
-"""Turn a Galaxy10-format HDF5 file into the prepared, memory-mappable training file.
+"""Turn a Galaxy10-format HDF5 file, or an image folder with a labels CSV, into the prepared file.
 
-    python -m galaxydist.prepare SRC.h5 DST.h5 --crop 128 [--seed 0] [--force]
+    python -m galaxydist.prepare SRC.h5 DST.h5 --crop 128 [--resize S] [--seed 0] [--force]
+    python -m galaxydist.prepare --images DIR --labels labels.csv DST.h5 --crop C [--resize S]
+        [--classes classes.txt] [--label-map "2:1"] [--skip-bad] [--workers N]   (see folder.py)
 
 The source is read in slabs aligned to its chunks (memory bounded whatever N is); the output is
 written to a temporary file and renamed into place, so DST is either absent or complete.
@@ -198,21 +200,64 @@ def prepare(
         write_prepared(dst_path, slabs(), labels, resize or crop, CLASS_NAMES, seed, columns, provenance)
 
 
+FOLDER_OPTIONS = ("labels", "classes", "label_map", "skip_bad", "workers")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m galaxydist.prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="Galaxy10-format HDF5 (images, ans[, ra, dec, redshift, pxscale])")
-    parser.add_argument("dst", help="prepared output file")
-    parser.add_argument("--crop", type=int, default=128, help="side of the central square to keep")
+    parser.add_argument(
+        "src",
+        nargs="?",
+        metavar="SRC.h5",
+        help="Galaxy10-format HDF5 (images, ans[, ra, dec, redshift, pxscale]); not with --images",
+    )
+    parser.add_argument("dst", metavar="DST.h5", help="prepared output file")
+    parser.add_argument("--crop", type=int, help="side of the central square to keep (Galaxy10 default 128)")
     parser.add_argument("--resize", type=int, help="resize the crop to this side (antialiased)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
+    folder = parser.add_argument_group("from an image folder (instead of SRC.h5)")
+    folder.add_argument("--images", metavar="DIR", help="folder of JPEG/PNG images")
+    folder.add_argument("--labels", metavar="CSV", help="id or file column, and a label column")
+    folder.add_argument(
+        "--classes", metavar="TXT", help="class names, one per line (integer label i = line i)"
+    )
+    folder.add_argument("--label-map", metavar="OLD:NEW,...", help='rewrite CSV labels first, e.g. "2:1"')
+    folder.add_argument("--skip-bad", action="store_true", help="leave out missing or unreadable images")
+    folder.add_argument("--workers", type=int, help="decoding processes (default: the CPU count)")
     args = parser.parse_args(argv)
-    if Path(args.src).resolve() == Path(args.dst).resolve():
-        raise UserError(f"{args.dst}: the output would overwrite the source")
     if args.resize is not None and args.resize < 1:
         raise UserError(f"--resize {args.resize}: must be a positive size")
-    prepare(args.src, args.dst, args.crop, args.seed, args.force, args.resize)
-    print(summary(args.dst))
+    if args.images is None:
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in FOLDER_OPTIONS
+            if getattr(args, name) not in (None, False)
+        ]
+        if given:
+            raise UserError(f"{given[0]} goes with --images DIR (the image-folder form)")
+        if args.src is None:
+            raise UserError("give SRC.h5 DST.h5, or --images DIR --labels CSV DST.h5")
+        if Path(args.src).resolve() == Path(args.dst).resolve():
+            raise UserError(f"{args.dst}: the output would overwrite the source")
+        prepare(
+            args.src, args.dst, 128 if args.crop is None else args.crop, args.seed, args.force, args.resize
+        )
+        print(summary(args.dst))
+        return 0
+    if args.src is not None:
+        raise UserError(f"{args.src}: give either SRC.h5 or --images DIR, not both")
+    if args.labels is None or args.crop is None:
+        raise UserError("--images DIR needs --labels CSV and --crop C (images come in any size)")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
+    from .folder import prepare_folder  # folder builds on this module
+
+    report = prepare_folder(
+        args.images, args.labels, args.dst, args.crop, args.resize, args.classes, args.label_map,
+        args.skip_bad, args.workers or os.cpu_count() or 1, args.seed, args.force,
+    )  # fmt: skip
+    print("\n".join([*report.lines(), summary(args.dst)]))
     return 0
 
 
