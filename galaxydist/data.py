@@ -235,4 +235,7 @@ def batch_source(
 
 def prepared_path_hint(path: str | os.PathLike) -> str:
     """The command that makes a missing prepared file, for the one-line error."""
-    return f"python -m galaxydist.prepare Galaxy10_DECals.h5 {Path(path)} --crop 128"
+    return (
+        f"python -m galaxydist.prepare Galaxy10_DECals.h5 {Path(path)} --crop 128 "
+        f"(or --images DIR --labels labels.csv {Path(path)} --crop C for your own images)"
+    )

@@ -48,6 +48,12 @@ class ModelMeta:
     config: dict[str, Any]
 
     @property
+    def mirror_symmetric(self) -> bool:
+        """Trained with flips, so a mirror image is the same class (TTA may then use mirrors)."""
+        augment = self.config.get("augment", {})
+        return augment.get("hflip", 0) > 0 or augment.get("vflip", 0) > 0
+
+    @property
     def run_dir(self) -> Path:
         """The run folder of RUN/checkpoints/X.pt, else the checkpoint's own folder."""
         parent = self.path.parent
@@ -98,10 +104,11 @@ def load_model(
     return model, meta
 
 
-def symmetries(x: torch.Tensor) -> Iterator[torch.Tensor]:
+def symmetries(x: torch.Tensor, mirror: bool = True) -> Iterator[torch.Tensor]:
     """The 8 symmetries of the square (the dihedral group D4): 4 rotations, mirrored or not.
-    A galaxy's class does not depend on its orientation on the sky."""
-    for view in (x, x.flip(3)):
+    A galaxy's class does not depend on its orientation on the sky; its handedness may (clockwise
+    vs anticlockwise spirals), so without `mirror` only the 4 rotations."""
+    for view in (x, x.flip(3)) if mirror else (x,):
         for k in range(4):
             yield torch.rot90(view, k, dims=(2, 3))
 
@@ -113,6 +120,7 @@ def predict_proba(
     mean: Sequence[float],
     std: Sequence[float],
     tta: bool = False,
+    mirror: bool = True,
     batch: int = 256,
     description: str | None = "predict",
 ) -> np.ndarray:
@@ -133,7 +141,7 @@ def predict_proba(
     for start in track(starts, len(starts), description or "", enabled=description is not None):
         x = torch.as_tensor(np.asarray(images_uint8_nchw[start : start + batch])).to(device)
         x = normalise(x, mean_t, std_t, torch.float32)
-        views = list(symmetries(x)) if tta else [x]
+        views = list(symmetries(x, mirror)) if tta else [x]
         probs = torch.zeros((), device=device)
         for view in views:
             if channels_last:
@@ -228,7 +236,15 @@ def evaluate(
     runs = {"plain": False, "tta": True} if tta else {"plain": False}
     results = {
         name: scores(
-            predict_proba(model, images, meta.mean, meta.std, use_tta, description=f"{split} ({name})"),
+            predict_proba(
+                model,
+                images,
+                meta.mean,
+                meta.std,
+                use_tta,
+                meta.mirror_symmetric,
+                description=f"{split} ({name})",
+            ),
             labels,
             info.class_weights,
             meta.class_names,
@@ -274,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--data", help="prepared .h5 (default: the checkpoint config's data.path)")
-    parser.add_argument("--tta", action="store_true", help="also average over the 8 symmetries of the square")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="also average over the symmetries of the square (rotations only if trained without flips)",
+    )
     parser.add_argument("--out", help="report folder (default: <run>/eval_<split>)")
     args = parser.parse_args(argv)
     summary = evaluate(args.target, args.split, args.data, args.tta, args.out)

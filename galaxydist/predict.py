@@ -142,7 +142,9 @@ def predict(
     for chunk in track(chunks, len(chunks), "predict"):
         chunk_keys, images = load_chunk(chunk, geometry)
         keys += chunk_keys
-        probs.append(predict_proba(model, images, meta.mean, meta.std, tta=tta, description=None))
+        probs.append(
+            predict_proba(model, images, meta.mean, meta.std, tta, meta.mirror_symmetric, description=None)
+        )
     return keys, np.concatenate(probs), meta.class_names
 
 
@@ -165,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file or a run folder (its best.pt)")
     parser.add_argument("inputs", nargs="+", metavar="INPUTS", help="image files and/or Galaxy10-format .h5")
     parser.add_argument("--out", default="preds.csv", help="CSV to write (default: preds.csv)")
-    parser.add_argument("--tta", action="store_true", help="average over the 8 symmetries of the square")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the symmetries of the square (rotations only if trained without flips)",
+    )
     parser.add_argument(
         "--crop", type=int, help="side of the central square to cut (default: as in training)"
     )

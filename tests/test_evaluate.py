@@ -177,3 +177,16 @@ def test_bad_inputs_exit_2_with_one_line(trained_run, tiny_prepared, raw_small, 
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )  # fmt: skip
     assert cli.returncode == 2 and cli.stderr.startswith("error: ") and cli.stderr.count("\n") == 1
+
+
+def test_tta_keeps_handedness_when_training_kept_it():
+    """Chiral classes (clockwise vs anticlockwise spirals) train without flips: TTA must not mirror."""
+    from galaxydist.evaluate import symmetries
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    rotations = list(symmetries(x, mirror=False))
+    all_views = list(symmetries(x))
+    assert len(rotations) == 4 and len(all_views) == 8
+    mirrored = x.flip(3)
+    assert not any(torch.equal(v, mirrored) for v in rotations)
+    assert any(torch.equal(v, mirrored) for v in all_views)
