@@ -75,6 +75,9 @@ class SpeedConfig:
 class Config:
     seed: int = 0
     output_dir: str = "runs/galaxy10"
+    # What early stopping and best.pt follow on the validation split; balanced_accuracy (mean
+    # per-class recall) suits very imbalanced sets, where plain accuracy swings with the big class.
+    select_on: Literal["accuracy", "balanced_accuracy"] = "accuracy"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

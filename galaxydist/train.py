@@ -37,7 +37,7 @@ from .data import (
     read_prepared,
 )
 from .errors import UserError, run_cli
-from .metrics import accuracy, confusion_matrix, per_class
+from .metrics import accuracy, balanced_accuracy, confusion_matrix, per_class
 from .model import GalaxyCNN
 from .progress import is_terminal
 from .tracking import RunFolder, Tracker
@@ -90,7 +90,7 @@ class Position:
     stage: int = 0
     epoch: int = 0
     step: int = 0  # optimiser steps done in this epoch
-    best_val: float = -math.inf  # best validation accuracy over all stages (best.pt)
+    best_val: float = -math.inf  # best validation score (cfg.select_on) over all stages: best.pt
     stopper: dict[str, Any] = field(default_factory=dict)
     train_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     seconds: float = 0.0  # time already spent in this epoch before an interruption
@@ -216,9 +216,10 @@ class Trainer:
             while pos.epoch < stage.max_epochs:
                 train_loss, train_acc, seconds, images = self.train_epoch(pos)
                 val = self.evaluate("val")
-                improved_overall = val.accuracy > pos.best_val
-                stopper.update(val.accuracy)
-                pos.best_val = max(pos.best_val, val.accuracy)
+                score = val.accuracy if self.cfg.select_on == "accuracy" else balanced_accuracy(val.confusion)
+                improved_overall = score > pos.best_val
+                stopper.update(score)
+                pos.best_val = max(pos.best_val, score)
                 if self.tracker:
                     record = {
                         "stage": stage.name,
