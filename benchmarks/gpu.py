@@ -1,0 +1,436 @@
+"""GPU speed: training images/s of the seed CNN, and wall time of the full two-stage recipe.
+
+1. Grid: the seed CNN (channels 32..512) at 128², one device, synthetic tensors on the device,
+   batch 64/256/1024 × eager/torch.compile × fp32/bf16 autocast × NCHW/channels_last. Each cell:
+   a fresh model and Adam, the Trainer's loss (weighted CE over the batch), warm-up steps (compile,
+   cudnn.benchmark autotuning), then timed steps between torch.cuda.synchronize() calls.
+2. Recipe: `python -m galaxydist.synthetic` (17,736 images at 256², the real size; generated in the
+   background while the grid runs), `python -m galaxydist.prepare --crop 128`, then
+   `python -m galaxydist.train --config configs/galaxy10.yaml tracking.wandb=disabled`: wall time
+   with prepare included and excluded, epochs run, test accuracy, and the Trainer's own img/s.
+
+Needs only torch, numpy, h5py, pyyaml and rich (no submitit, no wandb, no psutil). Without CUDA it
+exits with a message; `--dry-run` runs every code path tiny on the CPU instead (a check, not a result).
+
+    python benchmarks/gpu.py                         # ~6-8 min on one H100/H200
+    python benchmarks/gpu.py --skip-recipe           # the grid only
+    python benchmarks/gpu.py --compile-layouts nchw channels_last --recipe-compile
+    .venv/bin/python benchmarks/gpu.py --dry-run     # CPU check of the code paths, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+import torch
+import torch.nn.functional as F
+
+from galaxydist.model import GalaxyCNN
+
+SEED_CHANNELS = [32, 64, 128, 256, 512]
+REAL_N = 17_736
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(
+    device: torch.device,
+    batch: int,
+    size: int,
+    compiled: bool,
+    bf16: bool,
+    channels_last: bool,
+    warmup: int,
+    steps: int,
+    backend: str,
+    host_sync: bool = False,
+) -> dict[str, Any]:
+    """Training images/s of one grid cell; a fresh model, optimiser and compile cache each time.
+
+    `host_sync` reads the loss on the host every step: the CPU then cannot queue the next step
+    while the GPU works (what train_epoch avoids by reading its per-step flags one step late).
+    """
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = GalaxyCNN(SEED_CHANNELS, 10, 0.4).to(device, memory_format=fmt).train()
+    forward = torch.compile(model, backend=backend) if compiled else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    weights = torch.rand(10, device=device) + 0.5
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(x)
+        w = weights[y]
+        loss = (w * F.cross_entropy(logits.float(), y, reduction="none")).sum() / w.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if host_sync:
+            loss.item()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"images_per_s": batch * steps / seconds, "warmup_s": warm, "steps": steps, "peak_gib": peak}
+
+
+def grid(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the Trainer sets it on CUDA
+    cells = []
+    plan = [
+        (batch, compiled, bf16, layout, False)
+        for batch, compiled, bf16, layout in itertools.product(
+            args.batches, (False, True), (False, True), ("nchw", "channels_last")
+        )
+        if not compiled or (not args.no_compile and layout in args.compile_layouts)
+    ]
+    plan += [(batch, False, True, "channels_last", True) for batch in args.batches]  # the Trainer's sync
+    for batch, compiled, bf16, layout, host_sync in plan:
+        cell = {"batch": batch, "compiled": compiled, "bf16": bf16, "layout": layout, "host_sync": host_sync}
+        steps = max(args.min_steps, args.images // batch)
+        try:
+            cell |= throughput(
+                device,
+                batch,
+                args.size,
+                compiled,
+                bf16,
+                layout == "channels_last",
+                args.warmup,
+                steps,
+                args.backend,
+                host_sync,
+            )
+        except torch.OutOfMemoryError:
+            cell["error"] = "out of memory"
+        except Exception as err:  # a failed cell (e.g. a compiler error) must not lose the others
+            cell["error"] = f"{type(err).__name__}: {err}"[:300]
+        print(json.dumps(cell), flush=True)
+        cells.append(cell)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return cells
+
+
+def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Per-batch cost of the device-resident data path (DeviceResident + Trainer.to_inputs):
+    the gather as DeviceResident does it (images[idx]) and as index_select, then normalise,
+    the host-side hashed draws copied to the device, augment, channels_last."""
+    from galaxydist.augment import augment, normalise, uniforms
+
+    n = 64 if args.dry_run else 12_400  # Galaxy10's train split
+    nhwc = torch.randint(0, 256, (n, args.size, args.size, 3), dtype=torch.uint8, device=device)
+    images = nhwc.permute(0, 3, 1, 2)  # what DeviceResident holds
+    mean = torch.full((3,), 0.2, device=device)
+    std = torch.full((3,), 0.1, device=device)
+    rows = []
+    for batch in args.batches:
+        index = torch.randint(0, n, (batch,), device=device)
+        host_rows = index.cpu().numpy()
+
+        def to_inputs(index: torch.Tensor = index, host_rows: Any = host_rows) -> torch.Tensor:
+            x = normalise(images.index_select(0, index), mean, std, torch.float32)
+            draws = torch.from_numpy(uniforms(0, 0, host_rows, 3)).to(device, torch.float32)
+            x = augment(x, draws, 0.5, 0.5, 180.0)
+            return x.contiguous(memory_format=torch.channels_last)
+
+        parts = {
+            "gather images[idx]": lambda index=index: images[index],
+            "gather index_select": lambda index=index: images.index_select(0, index),
+            "to_inputs (select, normalise, draws, augment)": to_inputs,
+        }
+        for name, fn in parts.items():
+            reps = 3 if args.dry_run else 50
+            fn()
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync(device)
+            ms = (time.perf_counter() - start) / reps * 1e3
+            row = {"batch": batch, "part": name, "ms_per_batch": ms, "images_per_s": batch / ms * 1e3}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def child_env() -> dict[str, str]:
+    """The package importable from the checkout, installed or not."""
+    path = os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def run_cli(argv: list[str], log: Path) -> float:
+    """Run `python -m ...` from the repository root; seconds of wall time; output kept in `log`."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, *argv], cwd=common.ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"gpu.py: `python {' '.join(argv)}` failed (exit {done.returncode}):\n{tail}")
+    return seconds
+
+
+def recipe_run(args: argparse.Namespace, prepared: Path, workdir: Path, compiled: bool) -> dict[str, Any]:
+    """The two-stage recipe as a user runs it; what the run folder says about it."""
+    out = workdir / ("run_compiled" if compiled else "run")
+    overrides = [
+        f"data.path={prepared}",
+        f"output_dir={out}",
+        "tracking.wandb=disabled",
+        f"speed.compile={str(compiled).lower()}",
+        *args.recipe_override,
+    ]
+    argv = ["-m", "galaxydist.train", "--config", str(common.ROOT / "configs" / "galaxy10.yaml"), *overrides]
+    seconds = run_cli(argv, workdir / f"train{'_compiled' if compiled else ''}.log")
+    result: dict[str, Any] = {"command": "python " + " ".join(argv), "train_s": seconds, "compiled": compiled}
+    metrics = sorted(out.rglob("metrics.jsonl"))
+    if metrics:
+        records = [json.loads(line) for line in metrics[0].read_text().splitlines() if line.strip()]
+        rates = sorted(r["images_per_second"] for r in records if "images_per_second" in r)
+        result["epochs"] = len(records)
+        result["train_epoch_images_per_s_median"] = rates[len(rates) // 2] if rates else None
+        result["train_epoch_seconds_sum"] = sum(r.get("seconds", 0.0) for r in records)
+    summaries = sorted(out.rglob("summary.json"))
+    if summaries:
+        summary = json.loads(summaries[0].read_text())
+        result["test_accuracy"] = summary.get("test_accuracy")
+    return result
+
+
+def recipe(
+    args: argparse.Namespace, workdir: Path, generator: subprocess.Popen | None, raw: Path
+) -> dict[str, Any]:
+    gen_s = None
+    if generator is not None:
+        if generator.wait():
+            raise SystemExit(
+                f"gpu.py: synthetic generation failed:\n{(workdir / 'synthetic.log').read_text()[-3000:]}"
+            )
+        generator.watcher.join()  # type: ignore[attr-defined]
+        gen_s = generator.finished - generator.started  # type: ignore[attr-defined]
+    prepared = workdir / "prepared.h5"
+    argv = ["-m", "galaxydist.prepare", str(raw), str(prepared), "--crop", str(args.crop), "--force"]
+    prepare_s = run_cli(argv, workdir / "prepare.log")
+    runs = [recipe_run(args, prepared, workdir, compiled=False)]
+    if args.recipe_compile:
+        runs.append(recipe_run(args, prepared, workdir, compiled=True))
+    for run in runs:
+        run["with_prepare_s"] = prepare_s + run["train_s"]
+    return {
+        "images": args.n,
+        "raw_size": args.raw_size,
+        "crop": args.crop,
+        "generate_s": gen_s,
+        "generate_overlapped_with_grid": generator is not None and not args.skip_grid,
+        "prepare_command": "python " + " ".join(argv),
+        "prepare_s": prepare_s,
+        "runs": runs,
+    }
+
+
+def start_generator(args: argparse.Namespace, raw: Path, workdir: Path) -> subprocess.Popen:
+    """The synthetic Galaxy10 file, made in the background (CPU) while the grid uses the GPU."""
+    argv = [
+        "-m",
+        "galaxydist.synthetic",
+        str(raw),
+        "--n",
+        str(args.n),
+        "--size",
+        str(args.raw_size),
+        "--force",
+    ]
+    log = (workdir / "synthetic.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=common.ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT
+    )
+    proc.started = time.perf_counter()  # type: ignore[attr-defined]
+
+    def watch() -> None:  # the generation's own wall time, however long the grid takes
+        proc.wait()
+        proc.finished = time.perf_counter()  # type: ignore[attr-defined]
+        log.close()
+
+    proc.watcher = threading.Thread(target=watch, daemon=True)  # type: ignore[attr-defined]
+    proc.watcher.start()  # type: ignore[attr-defined]
+    return proc
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny CPU run of every code path (a check)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 256, 1024])
+    parser.add_argument("--size", type=int, default=128, help="image side for the grid")
+    parser.add_argument("--images", type=int, default=16_384, help="images per timed cell (sets the steps)")
+    parser.add_argument("--min-steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps per cell (compile, autotune)")
+    parser.add_argument("--no-compile", action="store_true", help="eager cells only")
+    parser.add_argument(
+        "--compile-layouts", nargs="+", default=["channels_last"], choices=["nchw", "channels_last"],
+        help="layouts to compile (each compiled cell costs ~30-60 s of compilation)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backend", default=None, help="torch.compile backend (default: inductor; eager with --dry-run)"
+    )
+    parser.add_argument("--skip-grid", action="store_true")
+    parser.add_argument("--skip-recipe", action="store_true")
+    parser.add_argument("--n", type=int, default=REAL_N, help="synthetic images for the recipe")
+    parser.add_argument("--raw-size", type=int, default=256, help="synthetic image side (real: 256)")
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--raw", type=Path, help="reuse this Galaxy10-format file instead of generating one")
+    parser.add_argument(
+        "--recipe-compile", action="store_true", help="also run the recipe with speed.compile=true"
+    )
+    parser.add_argument(
+        "--recipe-override", action="append", default=[], metavar="KEY=VALUE", help="extra train override"
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default: benchmarks/results/gpu.json)")
+    args = parser.parse_args()
+    if not args.dry_run:
+        args.backend = args.backend or "inductor"
+    if args.dry_run:  # every code path, at toy sizes, on the CPU
+        args.batches, args.size, args.images, args.min_steps, args.warmup = [4], 32, 8, 2, 1
+        args.compile_layouts = ["nchw", "channels_last"]
+        args.backend = args.backend or "eager"  # dynamo tracing without a C++ build: seconds, not minutes
+        args.n, args.raw_size, args.crop = 300, 64, 48
+        args.recipe_override = [
+            "stages.0.max_epochs=1",
+            "stages.1.max_epochs=1",
+            "data.batch_size=32",
+            "data.num_workers=0",
+            *args.recipe_override,
+        ]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available() and not args.dry_run:
+        raise SystemExit(
+            f"gpu.py: no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False). "
+            "This benchmark needs a GPU: run it in a session with a device, or pass --dry-run to check "
+            "its code paths on the CPU."
+        )
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    info = common.machine()
+    result: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory(prefix="gd_gpu_", dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        raw = args.raw or workdir / "synthetic.h5"
+        generator = None if (args.skip_recipe or args.raw) else start_generator(args, raw, workdir)
+        try:
+            if not args.skip_grid:
+                result["grid"] = grid(args, device)
+                result["data_path"] = data_path(args, device)
+            if not args.skip_recipe:
+                result["recipe"] = recipe(args, workdir, generator, raw)
+        finally:
+            if generator is not None and generator.poll() is None:
+                generator.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["machine"] = common.finish_machine(info)
+    report(result, args)
+    name = "gpu_dry_run" if args.dry_run else "gpu"
+    print(f"wrote {common.write_result(name, result, args.out)}")
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"\nmachine: {common.describe(result['machine'])}")
+    cells = result.get("grid", [])
+    if cells:
+        rows = [
+            [
+                c["batch"],
+                "compiled" if c["compiled"] else "eager",
+                "bf16" if c["bf16"] else "fp32",
+                c["layout"] + (" + loss.item() per step" if c["host_sync"] else ""),
+                c.get("images_per_s", c.get("error", "")),
+                c.get("warmup_s", ""),
+                c.get("peak_gib") or "",
+            ]
+            for c in cells
+        ]
+        headers = ["batch", "mode", "dtype", "layout", "img/s", "warm-up s", "peak GiB"]
+        print(f"\nseed CNN at {args.size}², training images/s\n" + common.markdown_table(headers, rows))
+        best = max((c for c in cells if "images_per_s" in c), key=lambda c: c["images_per_s"], default=None)
+        if best and not args.dry_run:
+            met = "met" if best["images_per_s"] >= 50_000 else "NOT met"
+            print(f"best: {best['images_per_s']:,.0f} img/s ({met}: target ≥ 50,000 on an H100/H200)")
+    parts = result.get("data_path", [])
+    if parts:
+        rows = [[p["batch"], p["part"], f"{p['ms_per_batch']:.3f}", p["images_per_s"]] for p in parts]
+        print(
+            "\nresident data path per batch\n" + common.markdown_table(["batch", "part", "ms", "img/s"], rows)
+        )
+    rec = result.get("recipe")
+    if rec:
+        gen = f"{rec['generate_s']:.0f} s" if rec["generate_s"] is not None else "reused"
+        print(
+            f"\nrecipe on {rec['images']} synthetic images: generate {gen}, prepare {rec['prepare_s']:.1f} s"
+        )
+        rows = [
+            [
+                "compiled" if r["compiled"] else "eager",
+                r.get("epochs", ""),
+                r["train_s"],
+                r.get("train_epoch_seconds_sum", ""),
+                r["with_prepare_s"],
+                r.get("train_epoch_images_per_s_median") or "",
+                r.get("test_accuracy") or "",
+            ]
+            for r in rec["runs"]
+        ]
+        headers = [
+            "train",
+            "epochs",
+            "wall s (prepare excluded)",
+            "in train epochs s",
+            "wall s (included)",
+            "epoch img/s",
+            "test acc",
+        ]
+        print(common.markdown_table(headers, rows))
+        if not args.dry_run:
+            met = "met" if rec["runs"][0]["with_prepare_s"] < 60 else "NOT met"
+            print(f"full recipe {rec['runs'][0]['with_prepare_s']:.1f} s with prepare ({met}: target < 60 s)")
+    if args.dry_run:
+        print("\ndry run: toy sizes on the CPU, a check of the code paths, not a result")
+
+
+if __name__ == "__main__":
+    main()
