@@ -234,12 +234,5 @@ def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with a checkpoint."""
-    cfg = _build(Config, data)
-    _check(cfg)
-    return cfg
-
-
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

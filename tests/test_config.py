@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import ROOT, run_train
 
-from galaxydist.config import Config, config_from_dict, dump_config, load_config
+from galaxydist.config import Config, dump_config, load_config
 from galaxydist.errors import UserError
 
 
@@ -35,9 +35,12 @@ def test_dotted_overrides_reach_nested_keys_and_lists():
     assert cfg.model.channels == [8] * 5 and cfg.tracking.tags == ["a", "b"] and cfg.seed == 3
 
 
-def test_resolved_config_round_trips():
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["stages.1.patience=7"])
-    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+def test_resolved_config_round_trips(tmp_path):
+    """The config.yaml a run saves loads back as the same config."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["stages.1.patience=7", "speed.bf16=true"])
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load(dump_config(cfg))["stages"][1]["patience"] == 7
 
 
 @pytest.mark.parametrize(
