@@ -65,6 +65,9 @@ def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     addresses its killed predecessor left there would dial closed ports (seen here: gloo's
     "connectFullMesh failed ... Connection refused" after a kill -9).
     """
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise UserError(f"RANK is set but {missing[0]} is not: launch with torchrun (or set the rendezvous)")
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
@@ -174,7 +177,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         return _GlobalBatchNormFunction.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum, self.eps
+            x.float(),  # statistics in float32 even under CPU bf16 autocast
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.momentum,
+            self.eps,
         )
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, distributed
+from .atomic import atomic_path
 from .augment import augment, derive_seed, normalise, uniforms
 from .config import Config, dump_config, load_config
 from .data import (
@@ -141,6 +142,12 @@ def check_data(cfg: Config, ctx: distributed.Context) -> PreparedInfo:
             f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the "
             f"{len(info.splits['train'])} training images of {cfg.data.path}"
         )
+    smallest = 2 ** len(cfg.model.channels)  # each block halves the image
+    if info.image_size < smallest:
+        raise UserError(
+            f"{cfg.data.path}: {info.image_size}² images are too small for {len(cfg.model.channels)} "
+            f"pooling blocks (model.channels); they need at least {smallest}²"
+        )
     return info
 
 
@@ -153,11 +160,22 @@ def load_resume_state(cfg: Config, info: PreparedInfo, resume: str | None) -> tu
             raise UserError(f"{resume}: checkpoint not found")
         return None
     state = checkpoint.load(path)
-    saved_model = state.get("config", {}).get("model")
-    if saved_model != asdict(cfg.model) or state.get("class_names") != list(info.class_names):
+    saved = state.get("config", {})
+    if saved.get("model") != asdict(cfg.model) or state.get("class_names") != list(info.class_names):
         raise UserError(
-            f"{path}: checkpoint is for another model or class list ({saved_model}); "
+            f"{path}: checkpoint is for another model or class list ({saved.get('model')}); "
             "use another output_dir or matching model settings"
+        )
+    # Mid-epoch, the position counts batches of one sample order: it must be this run's order.
+    same_order = (saved.get("seed"), saved.get("data", {}).get("batch_size"), state.get("train_size")) == (
+        cfg.seed,
+        cfg.data.batch_size,
+        len(info.splits["train"]),
+    )
+    if state.get("position", {}).get("step", 0) and not same_order:
+        raise UserError(
+            f"{path}: stopped mid-epoch with another seed, data.batch_size or training set; "
+            "resume with the settings it was saved with"
         )
     return path, state
 
@@ -208,6 +226,10 @@ class Trainer:
         stages = self.cfg.stages
         while pos.stage < len(stages):
             stage = stages[pos.stage]
+            if pos.epoch >= stage.max_epochs:  # resumed with a lower max_epochs: this stage is done
+                pos.stage, pos.epoch, pos.step, pos.stopper = pos.stage + 1, 0, 0, {}
+                self.optimizer = None
+                continue
             if self.optimizer is None:  # a fresh stage: best weights so far, a new optimiser
                 if pos.stage > 0:
                     self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
@@ -244,7 +266,7 @@ class Trainer:
                 if improved_overall:
                     self.save("best.pt", pos, val)
                 stage_done = distributed.any_rank(stopper.should_stop, self.ctx.device) or (
-                    pos.epoch == stage.max_epochs
+                    pos.epoch >= stage.max_epochs
                 )
                 if stage_done:
                     pos.stage, pos.epoch, pos.stopper = pos.stage + 1, 0, {}
@@ -295,6 +317,12 @@ class Trainer:
                     [weighted_sum.detach(), w.sum(), (logits.argmax(1) == y).sum(), count]
                 ).double()
         self.act_on(pending, pos, sums, started)
+        # A finite loss can still give non-finite gradients; the weights are the same on every rank,
+        # so every rank takes this decision alike, before anything is evaluated or saved.
+        if not torch.stack([p.isfinite().all() for p in self.model.parameters()]).all():
+            raise NonFiniteLoss(
+                f"non-finite weights after stage {pos.stage} epoch {pos.epoch} step {pos.step}"
+            )
         seconds = time.perf_counter() - started
         wloss, wsum, correct, n = distributed.all_reduce_sum(sums).tolist()
         return wloss / wsum, correct / n, seconds, int(n)
@@ -362,6 +390,7 @@ class Trainer:
             "std": list(self.info.std),
             "image_size": self.info.image_size,
             "crop": self.info.crop,
+            "train_size": len(self.info.splits["train"]),
             "position": asdict(pos),
         }
         if name == "last.pt" and self.optimizer is not None:
@@ -452,6 +481,15 @@ def prepare_run_folder(cfg: Config, ctx: distributed.Context, info: PreparedInfo
         raise UserError(error)
 
 
+def adopt_best_weights(resume_path: Path, run: RunFolder) -> None:
+    """Resuming from another run's checkpoint: bring its best.pt along, since the position's
+    best score refers to those weights (stage changes and the final test load them)."""
+    theirs, ours = resume_path.parent / "best.pt", run.checkpoints / "best.pt"
+    if theirs.exists() and not ours.exists():
+        with atomic_path(ours) as tmp:
+            shutil.copyfile(theirs, tmp)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m galaxydist.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML recipe (default: the packaged configs/galaxy10.yaml)")
@@ -474,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         info = check_data(cfg, ctx)
         resume = load_resume_state(cfg, info, args.resume)
         prepare_run_folder(cfg, ctx, info)
+        if resume and ctx.is_main:
+            adopt_best_weights(resume[0], RunFolder(cfg.output_dir))
         Trainer(cfg, ctx, info).fit(resume)
         return 0
     except Interrupted:

@@ -161,6 +161,11 @@ BAD_TRAIN_INPUTS = {  # case: (options, overrides applied last, message)
     "missing data path": ([], ["data.path=/nonexistent/p.h5"], "prepared data not found"),
     "batch larger than train split": ([], ["data.batch_size=4096"], "exceeds the"),
     "resume checkpoint missing": (["--resume", "/nonexistent/last.pt"], [], "checkpoint not found"),
+    "images too small for the model": (
+        [],
+        ["model.channels=[4,4,4,4,4,4]"],
+        "too small for 6 pooling blocks",
+    ),
 }
 
 
@@ -276,3 +281,27 @@ def test_no_secret_reaches_the_run_folder_or_logs(tiny_prepared, tmp_path):
     assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".pt" for p in files)
     for path in files:
         assert secret.encode() not in path.read_bytes(), path
+
+
+def test_resume_position_is_checked_against_the_run(tiny_prepared, tmp_path):
+    """A finished 1-epoch run, its last.pt edited to stand mid-stage / mid-epoch."""
+    run = tmp_path / "run"
+    stages = (
+        "[{name: t, lr: 0.003, max_epochs: 1, patience: 5}, {name: f, lr: 0.001, max_epochs: 1, patience: 5}]"
+    )
+    assert run_train(0, tiny_overrides(tiny_prepared, run, stages=stages)).returncode == 0
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+
+    # Stopped after epoch 2 of stage 0, resumed with stage 0 cut to 1 epoch: the stage is over.
+    state["position"].update(stage=0, epoch=2, step=0)
+    checkpoint.save(state, last)
+    resumed = run_train(0, tiny_overrides(tiny_prepared, run, stages=stages), timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[f 1/1]" in resumed.stdout and "[t " not in resumed.stdout
+
+    # Stopped mid-epoch: the batch count means nothing under another global batch size.
+    state["position"].update(stage=0, epoch=0, step=3)
+    checkpoint.save(state, last)
+    other_batch = run_train(0, tiny_overrides(tiny_prepared, run, stages=stages, **{"data.batch_size": 16}))
+    assert_one_line_error(other_batch, "stopped mid-epoch with another seed, data.batch_size or training set")
