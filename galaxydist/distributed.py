@@ -59,7 +59,7 @@ def setup(timeout_s: float = 600.0, use_cuda: bool | None = None) -> Context:
 
 
 def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
-    """The rendezvous store at MASTER_ADDR:MASTER_PORT, with keys private to this restart.
+    """torch's own env:// rendezvous store, with keys private to this restart.
 
     torchrun keeps one store across `--max-restarts` restarts; a restarted group that read the
     addresses its killed predecessor left there would dial closed ports (seen here: gloo's
@@ -68,15 +68,7 @@ def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise UserError(f"RANK is set but {missing[0]} is not: launch with torchrun (or set the rendezvous)")
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world_size,
-        is_master=rank == 0 and not agent_hosts_store,
-        timeout=timeout,
-        multi_tenant=True,
-    )
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     return dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
