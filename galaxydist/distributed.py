@@ -72,8 +72,13 @@ def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     return dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def teardown() -> None:
+def teardown(together: bool = True) -> None:
+    """Leave the process group; `together` (every rank on the same exit path) waits for all ranks
+    first, so no rank closes its connections while a peer's transport still uses them (seen here:
+    an occasional "terminate called without an active exception" abort in the later rank)."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     previous = {s: signal.signal(s, _request_stop) for s in STOP_SIGNALS}
     ctx = distributed.setup(cfg.distributed.timeout_s)
+    together = False  # a crash on one rank: leave without waiting for the others
     try:
         # Every rank reads the same files, so a bad input fails on all of them alike, before any write.
         info = check_data(cfg, ctx)
@@ -515,15 +516,21 @@ def main(argv: list[str] | None = None) -> int:
         if resume and ctx.is_main:
             adopt_best_weights(resume[0], RunFolder(cfg.output_dir))
         Trainer(cfg, ctx, info).fit(resume)
+        together = True
         return 0
     except Interrupted:
+        together = True
         print(f"rank {ctx.rank}: stopped by signal; last.pt saved, run again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except NonFiniteLoss as err:
+        together = True
         print(f"rank {ctx.rank}: {err}; stopping (last good checkpoint kept)", file=sys.stderr)
         return EXIT_NONFINITE
+    except UserError:
+        together = True  # bad input is seen alike by every rank
+        raise
     finally:
-        distributed.teardown()
+        distributed.teardown(together)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
