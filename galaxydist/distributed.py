@@ -165,8 +165,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over the global batch for any backend (torch's SyncBatchNorm is CUDA-only).
 
     Forward and backward equal one BatchNorm over the concatenation of every rank's batch. One
-    process uses the same arithmetic, so 1 rank and N ranks agree to float rounding. Evaluation
-    uses the running statistics and makes no collective call.
+    process may use it too (`distributed.exact_batchnorm`), so 1 rank and N ranks agree to float
+    rounding. Evaluation uses the running statistics and makes no collective call.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,15 +196,19 @@ def _to_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def wrap_model(model: nn.Module, ctx: Context) -> nn.Module:
-    """Synchronised BatchNorm + DDP when there is a process group; the bare model otherwise."""
+def wrap_model(model: nn.Module, ctx: Context, exact_batchnorm: bool = False) -> nn.Module:
+    """Synchronised BatchNorm + DDP when there is a process group; the bare model otherwise.
+
+    `exact_batchnorm` gives one CPU process the same BatchNorm arithmetic as N CPU ranks.
+    """
     model = model.to(ctx.device)
     if ctx.device.type == "cuda":
         if not dist.is_initialized():
             return model
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[ctx.local_rank], broadcast_buffers=False)
-    model = _to_global_batchnorm(model)  # on CPU for one process too: the same numbers as N ranks
+    if dist.is_initialized() or exact_batchnorm:
+        model = _to_global_batchnorm(model)
     return DistributedDataParallel(model, broadcast_buffers=False) if dist.is_initialized() else model
 
 

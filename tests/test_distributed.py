@@ -92,6 +92,14 @@ def test_global_batchnorm_without_process_group_is_plain_batchnorm():
     torch.testing.assert_close(global_bn(x), bn(x))
 
 
+def test_one_cpu_process_uses_fused_batchnorm_unless_exactness_is_asked_for():
+    ctx = distributed.Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    kinds = lambda model: {type(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}  # noqa: E731
+    assert kinds(distributed.wrap_model(GalaxyCNN([8, 8], 10), ctx)) == {nn.BatchNorm2d}
+    exact = distributed.wrap_model(GalaxyCNN([8, 8], 10), ctx, exact_batchnorm=True)
+    assert kinds(exact) == {distributed.GlobalBatchNorm2d}
+
+
 def test_batch_must_divide_over_ranks():
     ctx = distributed.Context(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
     assert distributed.split_batch(63, ctx) == 21
