@@ -200,7 +200,7 @@ def measure(name: str, path: Path, workdir: Path, rounds: int, profile: bool) ->
         "config": CONFIGS[name],
         "channels": cfg.model.channels,
         "batch": cfg.data.batch_size,
-        "num_workers": cfg.data.num_workers,
+        "num_workers": pipeline.trainer.num_workers,
         "steps_per_epoch": pipeline.steps,
         "loops": loops,
         "ratio_pipeline_over_bare_aug": loops["pipeline"]["wall_over_bare_aug_paired_median"],

@@ -22,7 +22,10 @@ from .errors import UserError
 class DataConfig:
     path: str = "data/galaxy10_128.h5"
     batch_size: int = 64  # global: split evenly over the ranks
-    num_workers: int = 2
+    # auto: 2 loader processes where they overlap reading with GPU work (CUDA, data not resident
+    # on the device); 0 on the CPU, where the memmap loader outpaces training by 250x or more and
+    # workers would only take cores from the ranks.
+    num_workers: int | Literal["auto"] = "auto"
     eval_batch_size: int = 256  # global, for validation and test
 
 
@@ -161,7 +164,7 @@ def _check(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key {key!r}: must be positive, got {value}")
-    if cfg.data.num_workers < 0:
+    if cfg.data.num_workers != "auto" and cfg.data.num_workers < 0:
         raise UserError(f"config key 'data.num_workers': must be >= 0, got {cfg.data.num_workers}")
     if not cfg.stages:
         raise UserError("config key 'stages': at least one stage is needed")

@@ -218,8 +218,10 @@ class Trainer:
             len(self.train_set), ctx.rank, ctx.world_size, self.per_rank_batch, cfg.seed
         )
         resident = on_cuda if cfg.speed.resident == "auto" else cfg.speed.resident
+        workers = cfg.data.num_workers
+        self.num_workers = (2 if on_cuda and not resident else 0) if workers == "auto" else workers
         self.train_loader = batch_source(
-            self.train_set, self.train_batches, device, resident, cfg.data.num_workers
+            self.train_set, self.train_batches, device, resident, self.num_workers
         )
         self.eval_loaders = {}
         for split in ("val", "test"):

@@ -33,6 +33,7 @@ def test_dotted_overrides_reach_nested_keys_and_lists():
     )
     assert cfg.stages[0].lr == 5e-4 and isinstance(cfg.augment.hflip, float) and cfg.augment.hflip == 0.0
     assert cfg.model.channels == [8] * 5 and cfg.tracking.tags == ["a", "b"] and cfg.seed == 3
+    assert load_config(ROOT / "configs" / "demo.yaml", ["data.num_workers=auto"]).data.num_workers == "auto"
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -62,6 +63,11 @@ def test_resolved_config_round_trips(tmp_path):
         ("stages.5.lr=1", "'stages.5.lr': no such key '5'"),
         ("stages=[]", "'stages': at least one stage"),
         ("noequals", "expected key=value"),
+        ("data.num_workers=-1", "'data.num_workers': must be >= 0"),
+        (
+            "data.num_workers=many",
+            "'data.num_workers': expected int, got 'many' or 'many' is not one of auto",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
