@@ -7,6 +7,7 @@ Without RANK/WORLD_SIZE in the environment the run is one process and every help
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -196,6 +197,15 @@ def _to_global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+# Synchronised BatchNorm keeps the running statistics equal on every rank, so DDP's broadcast of
+# the buffers before each forward is wasted work (torch >= 2.13 renamed the switch).
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def wrap_model(model: nn.Module, ctx: Context, exact_batchnorm: bool = False) -> nn.Module:
     """Synchronised BatchNorm + DDP when there is a process group; the bare model otherwise.
 
@@ -206,10 +216,10 @@ def wrap_model(model: nn.Module, ctx: Context, exact_batchnorm: bool = False) ->
         if not dist.is_initialized():
             return model
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return DistributedDataParallel(model, device_ids=[ctx.local_rank], broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=[ctx.local_rank], **_NO_FORWARD_BUFFER_SYNC)
     if dist.is_initialized() or exact_batchnorm:
         model = _to_global_batchnorm(model)
-    return DistributedDataParallel(model, broadcast_buffers=False) if dist.is_initialized() else model
+    return DistributedDataParallel(model, **_NO_FORWARD_BUFFER_SYNC) if dist.is_initialized() else model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -56,6 +56,7 @@ def test_two_ranks_of_32_equal_one_rank_of_64(tiny_prepared, tmp_path):
     two = run_train(2, overrides(tmp_path / "two"))
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "Warning" not in one.stderr + two.stderr  # e.g. a deprecated DDP argument
     a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     assert any("running_var" in k for k in a)  # BatchNorm running statistics are compared too
     assert_same_state(a, b)
