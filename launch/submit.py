@@ -59,9 +59,10 @@ class TrainTask:
         if code == train.EXIT_INTERRUPTED:
             # Training stopped on a signal and saved last.pt. Take submitit's own path: on global rank 0
             # it calls self.checkpoint(), requeues the job (or raises once requeues are used up) and
-            # exits; on other ranks it returns, and the task leaves without a result for this attempt.
+            # exits; on other ranks it returns, and the task leaves without a result for this attempt,
+            # with status 0: a non-zero one would make srun (--kill-on-bad-exit) end rank 0 mid-requeue.
             requeue(usr_sig, None)
-            raise SystemExit(code)
+            raise SystemExit(0)
         if code:
             raise RuntimeError(f"galaxydist.train exited with code {code}; see this task's log")
         return code
@@ -147,6 +148,10 @@ def sbatch_parameters(args: argparse.Namespace) -> dict[str, Any]:
             f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
             "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
         ],
+        # One task is one rank: when a rank dies (say rank 0 cannot write a checkpoint), SLURM ends
+        # the others at once instead of leaving them in a collective until distributed.timeout_s
+        # (NCCL does not notice a dead peer by itself).
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     optional = {
         "gpus_per_node": args.gpus_per_node or None,  # no GPU request at all for CPU runs

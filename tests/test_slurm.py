@@ -173,6 +173,7 @@ def test_dry_run_prints_the_script_without_submitting(tmp_path, tiny_prepared):
     for line in ("--partition=debug", "--nodes=2", "--ntasks-per-node=3", "--time=90", "--signal=USR2@90"):
         assert f"#SBATCH {line}" in script
     assert "srun " in script and "submitit.core._submit" in script
+    assert re.search(r"^srun .*--kill-on-bad-exit=1", script, re.M)  # a dead rank ends the job
     assert "job id" not in script and not out.exists()
 
 
