@@ -13,6 +13,7 @@ Needs only torch, numpy, h5py, pyyaml and rich (no submitit, no wandb, no psutil
 exits with a message; `--dry-run` runs every code path tiny on the CPU instead (a check, not a result).
 
     python benchmarks/gpu.py                         # ~6-8 min on one H100/H200
+    python benchmarks/gpu.py --out $OUT/gpu.json     # on the lent device: results come back from $OUT
     python benchmarks/gpu.py --skip-recipe           # the grid only
     python benchmarks/gpu.py --compile-layouts nchw channels_last --recipe-compile
     .venv/bin/python benchmarks/gpu.py --dry-run     # CPU check of the code paths, ~1 min
@@ -131,7 +132,7 @@ def grid(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]
                 args.backend,
                 host_sync,
             )
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than torch 2.4
             cell["error"] = "out of memory"
         except Exception as err:  # a failed cell (e.g. a compiler error) must not lose the others
             cell["error"] = f"{type(err).__name__}: {err}"[:300]
@@ -160,7 +161,8 @@ def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
 
         def to_inputs(index: torch.Tensor = index, host_rows: Any = host_rows) -> torch.Tensor:
             x = normalise(images.index_select(0, index), mean, std, torch.float32)
-            draws = torch.from_numpy(uniforms(0, 0, host_rows, 3)).to(device, torch.float32)
+            draws = torch.from_numpy(uniforms(0, 0, host_rows, 3).astype("float32"))
+            draws = draws.to(device, non_blocking=True)  # as Trainer.to_inputs: no wait for the GPU
             x = augment(x, draws, 0.5, 0.5, 180.0)
             return x.contiguous(memory_format=torch.channels_last)
 
@@ -357,16 +359,26 @@ def main() -> None:
             if not args.skip_grid:
                 result["grid"] = grid(args, device)
                 result["data_path"] = data_path(args, device)
+                save(result, args)  # a later failure or a kill must not lose the grid
             if not args.skip_recipe:
-                result["recipe"] = recipe(args, workdir, generator, raw)
+                try:
+                    result["recipe"] = recipe(args, workdir, generator, raw)
+                except (Exception, SystemExit) as err:
+                    result["recipe_error"] = str(err)[-3000:]
+                    print(f"recipe failed: {result['recipe_error']}", file=sys.stderr)
         finally:
             if generator is not None and generator.poll() is None:
                 generator.kill()
         shutil.rmtree(workdir, ignore_errors=True)
     result["machine"] = common.finish_machine(info)
     report(result, args)
-    name = "gpu_dry_run" if args.dry_run else "gpu"
-    print(f"wrote {common.write_result(name, result, args.out)}")
+    print(f"wrote {save(result, args)}")
+    if "recipe_error" in result:
+        raise SystemExit(1)
+
+
+def save(result: dict[str, Any], args: argparse.Namespace) -> Path:
+    return common.write_result("gpu_dry_run" if args.dry_run else "gpu", result, args.out)
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -377,7 +389,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
             [
                 c["batch"],
                 "compiled" if c["compiled"] else "eager",
-                "bf16" if c["bf16"] else "fp32",
+                "bf16" if c["bf16"] else ("fp32 (TF32 convs)" if "gpu" in result["machine"] else "fp32"),
                 c["layout"] + (" + loss.item() per step" if c["host_sync"] else ""),
                 c.get("images_per_s", c.get("error", "")),
                 c.get("warmup_s", ""),

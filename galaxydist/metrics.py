@@ -9,10 +9,13 @@ import torch
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """K×K counts, rows = true class, columns = predicted class (on the inputs' device)."""
-    return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).view(
-        num_classes, num_classes
-    )
+    """K×K counts, rows = true class, columns = predicted class (on the inputs' device).
+
+    index_add_ rather than bincount: on CUDA bincount reads the input's range back to the host.
+    """
+    cells = labels * num_classes + preds
+    counts = torch.zeros(num_classes**2, dtype=torch.int64, device=labels.device)
+    return counts.index_add_(0, cells, torch.ones_like(cells)).view(num_classes, num_classes)
 
 
 def accuracy(cm: np.ndarray) -> float:

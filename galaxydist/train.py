@@ -380,9 +380,9 @@ class Trainer:
         x = normalise(images.to(device, non_blocking=True), self.mean, self.std, torch.float32)
         if train:
             aug = self.cfg.augment
-            draws = torch.from_numpy(uniforms(self.cfg.seed, epoch_key, rows.numpy(), 3)).to(
-                device, torch.float32
-            )
+            draws = uniforms(self.cfg.seed, epoch_key, rows.numpy(), 3).astype(np.float32)
+            # non_blocking: a blocking host-to-GPU copy would wait for the previous step to finish
+            draws = torch.from_numpy(draws).to(device, non_blocking=True)
             x = augment(x, draws, aug.hflip, aug.vflip, aug.rotate)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

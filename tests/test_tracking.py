@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import WANDB_SECRET, read_metrics, run_train, tiny_overrides, wandb_env
 from PIL import Image
 
 from galaxydist.config import load_config
 from galaxydist.data import read_prepared
+from galaxydist.metrics import confusion_matrix
 from galaxydist.plots import CONFUSION_PIXELS, CURVES_PIXELS
 from galaxydist.tracking import WANDB_ID_FILE, RunFolder, Tracker, resolve_wandb_mode
 
@@ -328,3 +330,12 @@ def test_pngs_are_real_images_of_the_expected_size(trained_run, name, size):
         assert (image.format, image.size) == ("PNG", size)
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 20  # drawn, not blank
+
+
+def test_confusion_matrix_counts_every_pair():
+    g = torch.Generator().manual_seed(0)
+    labels, preds = torch.randint(0, 4, (500,), generator=g), torch.randint(0, 4, (500,), generator=g)
+    expected = np.zeros((4, 4), dtype=np.int64)
+    np.add.at(expected, (labels.numpy(), preds.numpy()), 1)
+    np.testing.assert_array_equal(confusion_matrix(labels, preds, 4).numpy(), expected)
+    assert confusion_matrix(torch.tensor([3]), torch.tensor([0]), 4)[3, 0] == 1  # rows are the truth

@@ -65,6 +65,23 @@ def test_two_ranks_of_32_equal_one_rank_of_64(tiny_prepared, tmp_path):
     assert [m["val_acc"] for m in m1] == [m["val_acc"] for m in m2]
 
 
+def test_compiled_training_follows_eager_and_saves_plain_checkpoints(tiny_prepared, tmp_path):
+    """speed.compile=true (inductor, fresh caches): the same first epoch to float rounding, and a
+    checkpoint whose keys are the plain model's, so evaluate/predict load it."""
+    one_epoch = "[{name: t, lr: 0.003, max_epochs: 1, patience: 5}]"
+    eager = run_train(0, tiny_overrides(tiny_prepared, tmp_path / "eager", stages=one_epoch))
+    compiled = run_train(
+        0,
+        tiny_overrides(tiny_prepared, tmp_path / "compiled", stages=one_epoch, **{"speed.compile": "true"}),
+        extra_env={"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"},
+    )
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    (a,), (b,) = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    assert final_state(tmp_path / "compiled").keys() == final_state(tmp_path / "eager").keys()
+
+
 def test_exact_evaluation_at_world_size_three(tiny_prepared, tmp_path):
     info = read_prepared(tiny_prepared)
     sizes = {split: len(info.splits[split]) for split in ("val", "test")}
