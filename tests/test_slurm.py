@@ -143,21 +143,49 @@ def sacct_state(jid: str) -> str:
     return out.stdout.strip().split(" ")[0]
 
 
-def test_plain_sbatch_script_completes(tmp_path, tiny_prepared, local_run):
-    out = tmp_path / "run"
+def sbatch(tmp_path: Path, out: Path, data: Path) -> str:
+    """slurm/train.sbatch with 2 CPU ranks; its job id."""
     proc = subprocess.run(
         ["sbatch", "--parsable", "--partition=gpu", "--cpus-per-task=2", "--time=10",
          f"--output={tmp_path}/sbatch-%j.out", str(ROOT / "slurm" / "train.sbatch"),
-         "--config", str(CONFIG), *overrides(tiny_prepared, out)],
+         "--config", str(CONFIG), *overrides(data, out)],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    jid = proc.stdout.strip().split(";")[0]
+    return proc.stdout.strip().split(";")[0]
+
+
+def wait_for_the_end(jid: str, tmp_path: Path) -> str:
+    """The job's log once accounting says it ended (sbatch --wait polls too slowly)."""
     ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    wait_until(lambda: sacct_state(jid) in ended, f"sbatch job {jid}")  # sbatch --wait polls too slowly
-    log = (tmp_path / f"sbatch-{jid}.out").read_text()
+    wait_until(lambda: sacct_state(jid) in ended, f"sbatch job {jid}")
+    return (tmp_path / f"sbatch-{jid}.out").read_text()
+
+
+def test_plain_sbatch_script_completes(tmp_path, tiny_prepared, local_run):
+    out = tmp_path / "run"
+    jid = sbatch(tmp_path, out, tiny_prepared)
+    log = wait_for_the_end(jid, tmp_path)
     assert sacct_state(jid) == "COMPLETED", log[-3000:]
     assert "1 node(s) x 2 rank(s)" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == json.loads((local_run / "summary.json").read_text())["test_accuracy"]
+
+
+def test_plain_sbatch_script_requeues_itself_on_the_time_limit_warning(tmp_path, tiny_prepared, local_run):
+    out = tmp_path / "run"
+    jid = sbatch(tmp_path, out, tiny_prepared)
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "the first epoch")
+    # What `#SBATCH --signal=B:USR2@90` sends 90 s before the time limit: USR2 to the batch script.
+    subprocess.run(["scancel", "--batch", "--signal=USR2", jid], check=True, timeout=30)
+    log = wait_for_the_end(jid, tmp_path)
+    assert sacct_state(jid) == "COMPLETED", log[-3000:]
+    assert "requeueing job" in log, f"training ended before the signal landed:\n{log[-2000:]}"
+    assert re.search(r"resuming from .*last\.pt", log), log[-2000:]
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == list(range(EPOCHS))  # none redone, none missing
+    assert without_timing(records) == without_timing(read_metrics(local_run))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] == json.loads((local_run / "summary.json").read_text())["test_accuracy"]
 
