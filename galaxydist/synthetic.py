@@ -8,8 +8,13 @@ normalised to a class-independent draw, so only the *shape* of the light tells t
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import sys
+import zlib
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -254,21 +259,36 @@ def render(labels: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarra
     return img.transpose(0, 2, 3, 1).astype(np.uint8)
 
 
-def generate(path: str | Path, n: int, seed: int = 0, size: int = 256, slab: int = 128) -> None:
+def _render_slab(labels: np.ndarray, seed: np.random.SeedSequence, size: int, level: int) -> list[bytes]:
+    """One slab of images, each deflated as one HDF5 chunk (the gzip filter's own format)."""
+    images = render(labels, np.random.default_rng(seed), size)
+    return [zlib.compress(image.tobytes(), level) for image in images]
+
+
+def generate(
+    path: str | Path, n: int, seed: int = 0, size: int = 256, slab: int = 128, workers: int = 1
+) -> None:
     """Write a synthetic Galaxy10_DECals.h5 atomically, rendering `slab` images at a time to bound memory.
 
-    The file is a pure function of (n, seed, size, slab): labels, columns and pixels use separate seed streams.
+    The file is a pure function of (n, seed, size, slab), whatever `workers`: labels, columns and
+    each slab's pixels use their own seed streams. Workers render and compress slabs; this process
+    writes the compressed chunks in order, at most two slabs per worker in flight.
     """
-    label_rng, meta_rng, image_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    labels = draw_labels(n, label_rng)
+    label_seed, meta_seed, image_seed = np.random.SeedSequence(seed).spawn(3)
+    labels = draw_labels(n, np.random.default_rng(label_seed))
+    meta_rng = np.random.default_rng(meta_seed)
     columns = {
         "ra": meta_rng.uniform(0, 360, n),
         "dec": np.degrees(np.arcsin(meta_rng.uniform(np.sin(np.radians(-30)), np.sin(np.radians(80)), n))),
         "redshift": np.clip(meta_rng.lognormal(np.log(0.05), 0.5, n), 0.01, 0.15),
         "pxscale": np.full(n, PXSCALE),
     }
+    starts = range(0, n, slab)
+    jobs = zip(starts, image_seed.spawn(len(starts)), strict=True)
     columns_bar = [TextColumn("synthetic"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     progress = Progress(*columns_bar, console=Console(stderr=True), disable=not sys.stderr.isatty())
+    # spawn, not fork: a forked child of a process that has used OpenMP (torch) can hang.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, progress:
         images = f.create_dataset(
             IMAGES_KEY, (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), compression="gzip",
@@ -278,9 +298,32 @@ def generate(path: str | Path, n: int, seed: int = 0, size: int = 256, slab: int
         for name, col in columns.items():
             f.create_dataset(name, data=col.astype(np.float64))
         task = progress.add_task("render", total=n)
-        for start in range(0, n, slab):
-            images[start : start + slab] = render(labels[start : start + slab], image_rng, size)
-            progress.advance(task, min(slab, n - start))
+        pending: deque[tuple[int, Future[list[bytes]]]] = deque()
+        try:
+            for start, slab_seed in jobs:
+                args = (labels[start : start + slab], slab_seed, size, GZIP_LEVEL)
+                if pool is None:
+                    progress.advance(task, _write_chunks(images, start, _render_slab(*args)))
+                    continue
+                pending.append((start, pool.submit(_render_slab, *args)))
+                if len(pending) >= 2 * workers:
+                    progress.advance(task, _write_chunks(images, *_done(pending.popleft())))
+            while pending:
+                progress.advance(task, _write_chunks(images, *_done(pending.popleft())))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+
+def _done(item: tuple[int, Future[list[bytes]]]) -> tuple[int, list[bytes]]:
+    start, future = item
+    return start, future.result()
+
+
+def _write_chunks(images: h5py.Dataset, start: int, chunks: list[bytes]) -> int:
+    for i, chunk in enumerate(chunks):
+        images.id.write_direct_chunk((start + i, 0, 0, 0), chunk)
+    return len(chunks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,16 +334,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (real: 256)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    parser.add_argument(
+        "--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+        help="rendering processes (the file is the same for any number; default: usable CPUs, at most 8)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.size < 16:
         raise UserError(f"--size must be at least 16, got {args.size}")
     if args.out.is_dir():
         raise UserError(f"{args.out} is a directory")
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} exists; pass --force to overwrite it")
-    generate(args.out, args.n, seed=args.seed, size=args.size)
+    generate(args.out, args.n, seed=args.seed, size=args.size, workers=args.workers)
     print(f"wrote {args.n} synthetic images ({args.size}px) to {args.out}", file=sys.stderr)
     return 0
 

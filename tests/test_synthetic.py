@@ -51,14 +51,15 @@ def test_small_n_proportions_within_one_image(n: int) -> None:
     assert np.all(np.abs(counts - np.round(expected)) <= 1)
 
 
-def test_deterministic_given_seed(tmp_path) -> None:
-    def image_bytes(seed: int, name: str) -> tuple[bytes, bytes]:
-        generate(tmp_path / name, 40, seed=seed, size=32, slab=16)
+def test_deterministic_given_seed_whatever_the_workers(tmp_path) -> None:
+    def image_bytes(seed: int, name: str, workers: int = 1) -> tuple[bytes, bytes]:
+        generate(tmp_path / name, 40, seed=seed, size=32, slab=16, workers=workers)
         with h5py.File(tmp_path / name, "r") as f:
             return f[IMAGES_KEY][:].tobytes(), f[LABELS_KEY][:].tobytes()
 
-    assert image_bytes(5, "a.h5") == image_bytes(5, "b.h5")
-    assert image_bytes(6, "c.h5")[0] != image_bytes(5, "a.h5")[0]
+    serial = image_bytes(5, "a.h5")
+    assert serial == image_bytes(5, "b.h5") == image_bytes(5, "parallel.h5", workers=2)
+    assert image_bytes(6, "c.h5")[0] != serial[0]
 
 
 def _balanced_accuracy_ncm(features: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> float:
@@ -112,7 +113,8 @@ def test_refuses_existing_output_without_force(tmp_path) -> None:
         assert f[IMAGES_KEY].shape == (4, 16, 16, 3)
 
 
-@pytest.mark.parametrize("n", ["0", "-3"])
-def test_rejects_non_positive_n(tmp_path, n: str) -> None:
-    assert run_cli(main, [str(tmp_path / "g10.h5"), "--n", n]) == 2
+@pytest.mark.parametrize("option", [["--n", "0"], ["--n", "-3"], ["--workers", "0"]])
+def test_rejects_non_positive_counts(tmp_path, option: list[str], capsys) -> None:
+    assert run_cli(main, [str(tmp_path / "g10.h5"), *option]) == 2
+    assert f"{option[0]} must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "g10.h5").exists()
