@@ -75,7 +75,7 @@ class SpeedConfig:
     bf16: bool | Literal["auto"] = "auto"
     channels_last: bool = True  # measured 8.7× faster than NCHW on this CPU too (oneDNN)
     compile: bool = False
-    resident: bool | Literal["auto"] = "auto"  # keep the whole split on the device
+    resident: bool | Literal["auto"] = "auto"  # the splits on the device (auto: CUDA, if they fit)
 
 
 @dataclass

@@ -180,6 +180,17 @@ def load_resume_state(cfg: Config, info: PreparedInfo, resume: str | None) -> tu
     return path, state
 
 
+def keep_resident(setting: bool | str, device: torch.device, nbytes: int) -> bool:
+    """`auto`: the uint8 splits live on the GPU when they take at most a quarter of its free
+    memory (the rest is for activations, cuDNN workspaces and the allocator's cache)."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 4
+
+
 def seed_dropout(seed: int, device: torch.device) -> None:
     """Seed only the generator dropout draws from (torch.manual_seed visits every backend: ~0.1 ms)."""
     if device.type == "cuda":
@@ -217,7 +228,8 @@ class Trainer:
         self.train_batches = TrainBatches(
             len(self.train_set), ctx.rank, ctx.world_size, self.per_rank_batch, cfg.seed
         )
-        resident = on_cuda if cfg.speed.resident == "auto" else cfg.speed.resident
+        split_rows = sum(len(self.info.splits[split]) for split in ("train", "val", "test"))
+        resident = keep_resident(cfg.speed.resident, device, split_rows * math.prod(self.info.shape[1:]))
         workers = cfg.data.num_workers
         self.num_workers = (2 if on_cuda and not resident else 0) if workers == "auto" else workers
         self.train_loader = batch_source(

@@ -18,6 +18,7 @@ from conftest import ROOT, free_port, read_metrics, reference_overrides, run_tra
 from galaxydist import synthetic
 from galaxydist.data import read_prepared
 from galaxydist.prepare import prepare
+from galaxydist.train import keep_resident
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -80,6 +81,13 @@ def test_compiled_training_follows_eager_and_saves_plain_checkpoints(tiny_prepar
     (a,), (b,) = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
     assert final_state(tmp_path / "compiled").keys() == final_state(tmp_path / "eager").keys()
+
+
+def test_data_stays_on_the_host_on_cpu_unless_asked_otherwise():
+    cpu = torch.device("cpu")
+    assert keep_resident("auto", cpu, nbytes=1) is False
+    assert keep_resident(True, cpu, nbytes=10**15) is True
+    assert keep_resident(False, cpu, nbytes=1) is False
 
 
 def test_exact_evaluation_at_world_size_three(tiny_prepared, tmp_path):
