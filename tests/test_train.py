@@ -90,6 +90,24 @@ def test_data_stays_on_the_host_on_cpu_unless_asked_otherwise():
     assert keep_resident(False, cpu, nbytes=1) is False
 
 
+def test_device_resident_data_trains_exactly_like_the_loader(tiny_prepared, tmp_path):
+    """speed.resident (the CUDA default) serves the same batches, rows and draws as the memmap
+    DataLoader; on the CPU both paths run, so they must give the same parameters."""
+    loader = run_train(0, tiny_overrides(tiny_prepared, tmp_path / "loader", **{"data.num_workers": 2}))
+    resident = run_train(
+        0, tiny_overrides(tiny_prepared, tmp_path / "resident", **{"speed.resident": "true"})
+    )
+    assert loader.returncode == 0, loader.stderr[-3000:]
+    assert resident.returncode == 0, resident.stderr[-3000:]
+    assert_same_state(final_state(tmp_path / "loader"), final_state(tmp_path / "resident"), rtol=0, atol=0)
+    timeless = ("seconds", "images_per_second")
+    a, b = (
+        [{k: v for k, v in m.items() if k not in timeless} for m in read_metrics(tmp_path / r)]
+        for r in ("loader", "resident")
+    )
+    assert a == b and len(a) == 2
+
+
 def test_exact_evaluation_at_world_size_three(tiny_prepared, tmp_path):
     info = read_prepared(tiny_prepared)
     sizes = {split: len(info.splits[split]) for split in ("val", "test")}
