@@ -64,7 +64,7 @@ class DistributedConfig:
     timeout_s: float = 600.0  # a collective waiting longer than this fails instead of hanging
     # One CPU process normally uses the fused nn.BatchNorm2d. True gives it the ranks' own
     # GlobalBatchNorm2d arithmetic, so one process and N CPU ranks agree to float rounding (the
-    # fused kernel sums naively, and Adam turns that into visible differences); ~10 % slower.
+    # fused kernel sums naively, and Adam turns that into visible differences); 6–30 % slower here.
     exact_batchnorm: bool = False
 
 

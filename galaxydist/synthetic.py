@@ -13,8 +13,9 @@ import os
 import sys
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -287,9 +288,7 @@ def generate(
     jobs = zip(starts, image_seed.spawn(len(starts)), strict=True)
     columns_bar = [TextColumn("synthetic"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     progress = Progress(*columns_bar, console=Console(stderr=True), disable=not sys.stderr.isatty())
-    # spawn, not fork: a forked child of a process that has used OpenMP (torch) can hang.
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, progress:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, progress, _pool(workers) as pool:
         images = f.create_dataset(
             IMAGES_KEY, (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), compression="gzip",
             compression_opts=GZIP_LEVEL,
@@ -299,20 +298,30 @@ def generate(
             f.create_dataset(name, data=col.astype(np.float64))
         task = progress.add_task("render", total=n)
         pending: deque[tuple[int, Future[list[bytes]]]] = deque()
-        try:
-            for start, slab_seed in jobs:
-                args = (labels[start : start + slab], slab_seed, size, GZIP_LEVEL)
-                if pool is None:
-                    progress.advance(task, _write_chunks(images, start, _render_slab(*args)))
-                    continue
-                pending.append((start, pool.submit(_render_slab, *args)))
-                if len(pending) >= 2 * workers:
-                    progress.advance(task, _write_chunks(images, *_done(pending.popleft())))
-            while pending:
+        for start, slab_seed in jobs:
+            args = (labels[start : start + slab], slab_seed, size, GZIP_LEVEL)
+            if pool is None:
+                progress.advance(task, _write_chunks(images, start, _render_slab(*args)))
+                continue
+            pending.append((start, pool.submit(_render_slab, *args)))
+            if len(pending) >= 2 * workers:
                 progress.advance(task, _write_chunks(images, *_done(pending.popleft())))
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        while pending:
+            progress.advance(task, _write_chunks(images, *_done(pending.popleft())))
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Rendering processes, or None for one; spawned, not forked: a forked child of a process that
+    has used OpenMP (torch, in the tests) can hang."""
+    if workers == 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _done(item: tuple[int, Future[list[bytes]]]) -> tuple[int, list[bytes]]:
