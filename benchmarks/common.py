@@ -75,9 +75,11 @@ def describe(info: dict[str, Any]) -> str:
 
 def write_result(name: str, data: dict[str, Any], out: Path | None = None) -> Path:
     """benchmarks/results/<name>.json (or `out`)."""
+    from galaxydist.atomic import atomic_path  # imported here: ROOT joins sys.path above
+
     path = out or RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    with atomic_path(path) as tmp:  # a kill mid-write (a time limit) leaves the previous file whole
+        tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
     return path
 
 

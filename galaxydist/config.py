@@ -62,7 +62,7 @@ class TrackingConfig:
 @dataclass
 class DistributedConfig:
     timeout_s: float = 600.0  # a collective waiting longer than this fails instead of hanging
-    # One CPU process normally uses the fused nn.BatchNorm2d. True gives it the ranks' own
+    # CPU only. One process normally uses the fused nn.BatchNorm2d. True gives it the ranks' own
     # GlobalBatchNorm2d arithmetic, so one process and N CPU ranks agree to float rounding (the
     # fused kernel sums naively, and Adam turns that into visible differences); 6–30 % slower here.
     exact_batchnorm: bool = False
@@ -110,13 +110,13 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
+        choices = [o for o in options if o is not type(None)]
+        for option in choices:
             try:
                 return _convert(value, option, key)
-            except UserError as err:
-                errors.append(str(err).split(": ", 1)[1])
-        raise UserError(f"config key {key!r}: {' or '.join(errors)}")
+            except UserError:
+                pass
+        raise UserError(f"config key {key!r}: expected {' or '.join(map(_describe, choices))}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(hint):
             choices = " | ".join(map(str, typing.get_args(hint)))
@@ -138,6 +138,13 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UserError(f"config key {key!r}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+def _describe(hint: Any) -> str:
+    """A type hint as a config error names it: int, 'auto'."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(choice) for choice in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -218,6 +219,17 @@ class DeviceResident:
             index = torch.as_tensor(positions)
             on_device = index.to(self.device, non_blocking=True)
             yield self.images[on_device], self.labels[on_device], self.rows[index]
+
+
+def keep_resident(setting: bool | Literal["auto"], device: torch.device, nbytes: int) -> bool:
+    """`auto`: the uint8 splits live on the GPU when they take at most a quarter of its free
+    memory (the rest is for activations, cuDNN workspaces and the allocator's cache)."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 4
 
 
 def batch_source(

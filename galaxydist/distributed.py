@@ -198,7 +198,9 @@ def _to_global_batchnorm(module: nn.Module) -> nn.Module:
 
 
 # Synchronised BatchNorm keeps the running statistics equal on every rank, so DDP's broadcast of
-# the buffers before each forward is wasted work (torch >= 2.13 renamed the switch).
+# the buffers before each forward is wasted work. torch >= 2.13 deprecates `broadcast_buffers` for
+# `forward_sync_buffers`, which still broadcasts once at start-up: harmless, every rank starts
+# from the same seed.
 _NO_FORWARD_BUFFER_SYNC = (
     {"forward_sync_buffers": False}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters

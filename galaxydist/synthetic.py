@@ -335,6 +335,11 @@ def _write_chunks(images: h5py.Dataset, start: int, chunks: list[bytes]) -> int:
     return len(chunks)
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one, e.g. under SLURM)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and write the file; bad input is a UserError (exit 2)."""
     parser = argparse.ArgumentParser(prog="galaxydist-synthetic", description=__doc__.splitlines()[0])
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (real: 256)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     parser.add_argument(
-        "--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+        "--workers", type=int, default=min(8, _usable_cpus()),
         help="rendering processes (the file is the same for any number; default: usable CPUs, at most 8)",
     )  # fmt: skip
     args = parser.parse_args(argv)

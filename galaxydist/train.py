@@ -34,6 +34,7 @@ from .data import (
     ShardBatches,
     TrainBatches,
     batch_source,
+    keep_resident,
     prepared_path_hint,
     read_prepared,
 )
@@ -178,17 +179,6 @@ def load_resume_state(cfg: Config, info: PreparedInfo, resume: str | None) -> tu
             "resume with the settings it was saved with"
         )
     return path, state
-
-
-def keep_resident(setting: bool | str, device: torch.device, nbytes: int) -> bool:
-    """`auto`: the uint8 splits live on the GPU when they take at most a quarter of its free
-    memory (the rest is for activations, cuDNN workspaces and the allocator's cache)."""
-    if setting != "auto":
-        return bool(setting)
-    if device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    return nbytes <= free // 4
 
 
 def seed_dropout(seed: int, device: torch.device) -> None:

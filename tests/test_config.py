@@ -64,9 +64,10 @@ def test_resolved_config_round_trips(tmp_path):
         ("stages=[]", "'stages': at least one stage"),
         ("noequals", "expected key=value"),
         ("data.num_workers=-1", "'data.num_workers': must be >= 0"),
+        ("speed.bf16=maybe", "'speed.bf16': expected bool or 'auto', got 'maybe'"),
         (
             "data.num_workers=many",
-            "'data.num_workers': expected int, got 'many' or 'many' is not one of auto",
+            "'data.num_workers': expected int or 'auto', got 'many'",
         ),
     ],
 )

@@ -53,7 +53,7 @@ def test_small_n_proportions_within_one_image(n: int) -> None:
 
 def test_deterministic_given_seed_whatever_the_workers(tmp_path) -> None:
     def image_bytes(seed: int, name: str, workers: int = 1) -> tuple[bytes, bytes]:
-        generate(tmp_path / name, 40, seed=seed, size=32, slab=16, workers=workers)
+        generate(tmp_path / name, 40, seed=seed, size=32, slab=4, workers=workers)  # 10 slabs
         with h5py.File(tmp_path / name, "r") as f:
             return f[IMAGES_KEY][:].tobytes(), f[LABELS_KEY][:].tobytes()
 
