@@ -10,10 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import secrets
 import string
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ from .plots import plot_confusion, plot_curves
 if TYPE_CHECKING:
     from .config import Config
 
+CURVES_EVERY_S = 30.0
 WANDB_ID_FILE = "wandb_run_id"  # in the run folder: a resumed or requeued run continues this W&B run
 CSV_COLUMNS = ("class", "support", "accuracy", "precision", "recall", "f1")
 
@@ -153,13 +156,16 @@ class Tracker:
     """Rank 0's reporter: every epoch and the final report go to the run folder (always) and to
     Weights & Biases (when enabled). Training never fails because reporting did.
 
-    curves.png is redrawn after every epoch (a fraction of a second, small beside an epoch) so that
-    a run can be watched without W&B; the confusion PNGs are drawn once, at the end.
+    curves.png is redrawn after the first epoch and then at most every CURVES_EVERY_S, so that a run
+    can be watched without W&B: drawing takes ~0.2 s, which every rank waits for, and short GPU
+    epochs would spend a good part of the run on it. It is drawn once more at the end, with the
+    confusion PNGs.
     """
 
     def __init__(self, cfg: Config, run: RunFolder, class_names: list[str]) -> None:
         self.cfg, self.run, self.class_names = cfg, run, class_names
         self.plots = Guard("drawing the PNGs")
+        self.curves_drawn_at = -math.inf
         self.wandb_guard = Guard("Weights & Biases")
         self.wandb: Any = None  # the module, once a run is started
         self.wandb_run: Any = None
@@ -206,7 +212,9 @@ class Tracker:
 
     def log_epoch(self, record: dict[str, Any], val_confusion: np.ndarray) -> None:
         self.run.append_metrics(record)
-        self.plots.run(plot_curves, self.run.read_metrics(), self.run.root / "curves.png")
+        if time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_S:
+            self.plots.run(plot_curves, self.run.read_metrics(), self.run.root / "curves.png")
+            self.curves_drawn_at = time.monotonic()
         if self.wandb_run is not None:
             self.wandb_guard.run(self._log_wandb_epoch, record, val_confusion)
 

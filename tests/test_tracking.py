@@ -19,6 +19,7 @@ import yaml
 from conftest import WANDB_SECRET, read_metrics, run_train, tiny_overrides, wandb_env
 from PIL import Image
 
+from galaxydist import tracking
 from galaxydist.config import load_config
 from galaxydist.data import read_prepared
 from galaxydist.metrics import confusion_matrix
@@ -189,6 +190,24 @@ def test_disabled_creates_nothing_and_never_imports_wandb(tiny_prepared, tmp_pat
     assert capsys.readouterr().err == ""
     assert not (run.root / "wandb").exists() and not (run.root / WANDB_ID_FILE).exists()
     assert all((run.root / name).exists() for name in (*REPORT, "confusion_test.png"))
+
+
+def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_interval(tiny_prepared, tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    names = list(read_prepared(tiny_prepared).class_names)
+    tracker = Tracker(tiny_config(tiny_prepared, run.root, "disabled"), run, names)
+    curves, k = run.root / "curves.png", len(names)
+    record = {"stage": "train", "stage_index": 0, "train_loss": 2.0, "train_acc": 0.2, "val_loss": 2.1,
+              "val_acc": 0.3, "lr": 1e-3, "seconds": 1.0, "images_per_second": 99.0}  # fmt: skip
+    tracker.log_epoch({**record, "epoch": 0}, np.ones((k, k), dtype=int))
+    assert curves.exists()
+    curves.unlink()
+    tracker.log_epoch({**record, "epoch": 1}, np.ones((k, k), dtype=int))  # well within the interval
+    assert not curves.exists()
+    tracker.curves_drawn_at -= tracking.CURVES_EVERY_S  # as if the interval had passed
+    tracker.log_epoch({**record, "epoch": 2}, np.ones((k, k), dtype=int))
+    assert curves.exists()
 
 
 def test_missing_wandb_is_one_warning_and_the_run_folder_is_complete(
