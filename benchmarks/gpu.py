@@ -71,7 +71,7 @@ def throughput(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = GalaxyCNN(SEED_CHANNELS, 10, 0.4).to(device, memory_format=fmt).train()
     forward = torch.compile(model, backend=backend) if compiled else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True if device.type == "cuda" else None)
     weights = torch.rand(10, device=device) + 0.5
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
