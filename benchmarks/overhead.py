@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from galaxydist import distributed
+from galaxydist.allocator import keep_freed_memory
 from galaxydist.augment import augment, normalise
 from galaxydist.config import Config, load_config
 from galaxydist.data import GalaxyDataset, read_prepared
@@ -231,6 +232,7 @@ def main() -> None:
         "--out", type=Path, default=None, help="JSON (default: benchmarks/results/overhead.json)"
     )
     args = parser.parse_args()
+    keep_freed_memory()  # as galaxydist.train's main does; every loop here gets it
     if args.threads:
         torch.set_num_threads(args.threads)
     info_machine = common.machine()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, distributed
+from .allocator import keep_freed_memory
 from .atomic import atomic_path
 from .augment import augment, derive_seed, normalise, uniforms
 from .config import Config, dump_config, load_config
@@ -520,6 +521,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     previous = {s: signal.signal(s, _request_stop) for s in STOP_SIGNALS}
