@@ -1,5 +1,5 @@
 """Host allocator: training steps per second and page faults per step, glibc's defaults against
-galaxydist.allocator.keep_freed_memory (what galaxydist.train's main calls first).
+galaxydist.allocator.keep_freed_memory (what the train, evaluate and predict commands call first).
 
 Each round runs both settings in fresh processes (order alternating), for the demo model at 48²
 (batch 64) and the baseline model at 128² (batch 64), on random tensors: warm-up steps, then

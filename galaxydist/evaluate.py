@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .allocator import keep_freed_memory
 from .atomic import atomic_path
 from .augment import normalise
 from .data import GalaxyDataset, PreparedInfo, read_prepared
@@ -282,6 +283,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(
         prog="python -m galaxydist.evaluate", description=__doc__.splitlines()[0]
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .allocator import keep_freed_memory
 from .atomic import atomic_path
 from .errors import UserError, run_cli
 from .evaluate import load_model, predict_proba
@@ -159,6 +160,7 @@ def to_csv(keys: list[tuple[str, str]], probs: np.ndarray, class_names: tuple[st
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(
         prog="python -m galaxydist.predict",
         description=__doc__,
