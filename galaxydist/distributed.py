@@ -98,6 +98,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D `local`, stacked in rank order (world × len): one all-reduce of a
+    zero-padded table (adding zeros is exact), which every backend supports."""
+    if not dist.is_initialized():
+        return local[None]
+    table = local.new_zeros(dist.get_world_size(), len(local))
+    table[dist.get_rank()] = local
+    dist.all_reduce(table, op=dist.ReduceOp.SUM)
+    return table
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank: one decision, taken together."""
     if not dist.is_initialized():
@@ -122,43 +133,56 @@ def broadcast_object(obj: object) -> object:
 
 
 class _GlobalBatchNormFunction(torch.autograd.Function):
-    """BatchNorm whose statistics, and whose gradient's mean terms, are sums over every rank.
+    """BatchNorm whose statistics, and whose gradient's mean terms, are those of every rank's
+    batch together.
 
-    The per-channel sums use torch.sum (cascade summation, ~1e-7 relative): the fused CPU
-    BatchNorm kernels accumulate naively (~4e-6 on the variance here), and Adam turns such noise
-    into visible parameter differences between world sizes within a few steps. Three small
-    all-reduces per layer and step: Σx, then Σ(x−μ)², and Σdy with Σdy·(x−μ) in backward.
+    Each rank centres its batch on its own mean and sums with torch.sum (cascade summation,
+    ~1e-7 relative): the fused CPU BatchNorm kernels accumulate naively (~4e-6 on the variance
+    here), and Adam turns such noise into visible parameter differences between world sizes
+    within a few steps. The ranks' (count, sum, centred sum of squares) are combined exactly
+    (Chan et al.'s pairwise formula), so one collective per layer suffices in forward, and one
+    (Σdy, Σdy·(x−μ)) in backward: every collective is a point where 2 ranks wait for each other.
+    One process gets exactly the plain two-pass arithmetic.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
         dims = (0, 2, 3)
-        shape = (1, x.shape[1], 1, 1)
-        count = x.new_tensor([x.numel() / x.shape[1]])
-        sums = all_reduce_sum(torch.cat([x.sum(dims), count]))
-        total = sums[-1]
-        mean = sums[:-1] / total
-        centred = x - mean.view(shape)
-        var = all_reduce_sum(centred.square().sum(dims)) / total
+        channels = x.shape[1]
+        shape = (1, channels, 1, 1)
+        count = x.numel() / channels
+        local_sum = x.sum(dims)
+        local_mean = local_sum / count
+        centred = x - local_mean.view(shape)  # on this rank's mean; x − μ = centred + shift
+        local_m2 = centred.square().sum(dims)
+        rows = gather_rows(torch.cat([x.new_tensor([count]), local_sum, local_m2]))
+        counts, sums, m2s = rows[:, :1], rows[:, 1 : channels + 1], rows[:, channels + 1 :]
+        total = counts.sum()
+        mean = sums.sum(0) / total
+        var = (m2s.sum(0) + (counts * (sums / counts - mean).square()).sum(0)) / total
+        shift = local_mean - mean  # exactly 0 for one process
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             running_var.mul_(1 - momentum).add_(var * total / (total - 1), alpha=momentum)
         invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(centred, weight, invstd, total)
-        return torch.addcmul(bias.view(shape), centred, (weight * invstd).view(shape))
+        scale = weight * invstd
+        ctx.save_for_backward(centred, weight, invstd, total, shift)
+        return torch.addcmul((bias + scale * shift).view(shape), centred, scale.view(shape))
 
     @staticmethod
     def backward(ctx, dy):
-        centred, weight, invstd, total = ctx.saved_tensors
+        centred, weight, invstd, total, shift = ctx.saved_tensors
         dims = (0, 2, 3)
         channels = centred.shape[1]
         shape = (1, channels, 1, 1)
-        local = torch.cat([dy.sum(dims), (dy * centred).sum(dims)])
+        sum_dy = dy.sum(dims)
+        local = torch.cat([sum_dy, (dy * centred).sum(dims) + shift * sum_dy])  # Σdy, Σdy·(x−μ)
         mean_dy, mean_dy_centred = (all_reduce_sum(local.clone()) / total).split(channels)
         scale = weight * invstd
+        k = scale * invstd * invstd * mean_dy_centred
         # dx = (w/σ)·(dy − mean dy − (x−μ)/σ²·mean dy·(x−μ)): the SyncBatchNorm formula
-        dx = torch.addcmul((-scale * mean_dy).view(shape), dy, scale.view(shape))
-        dx.addcmul_(centred, (-scale * invstd * invstd * mean_dy_centred).view(shape))
+        dx = torch.addcmul((-scale * mean_dy - k * shift).view(shape), dy, scale.view(shape))
+        dx.addcmul_(centred, (-k).view(shape))
         return dx, local[channels:] * invstd, local[:channels], None, None, None, None
 
 
