@@ -141,7 +141,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     here), and Adam turns such noise into visible parameter differences between world sizes
     within a few steps. The ranks' (count, sum, centred sum of squares) are combined exactly
     (Chan et al.'s pairwise formula), so one collective per layer suffices in forward, and one
-    (Σdy, Σdy·(x−μ)) in backward: every collective is a point where 2 ranks wait for each other.
+    (Σdy, Σdy·(x−μ)) in backward: every collective is a point where the ranks wait for each other.
     One process gets exactly the plain two-pass arithmetic.
     """
 
