@@ -152,14 +152,14 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
         shape = (1, channels, 1, 1)
         count = x.numel() / channels
         local_sum = x.sum(dims)
-        local_mean = local_sum / count
+        local_mean = local_sum / max(count, 1)  # an empty rank adds nothing, and no NaN
         centred = x - local_mean.view(shape)  # on this rank's mean; x − μ = centred + shift
         local_m2 = centred.square().sum(dims)
         rows = gather_rows(torch.cat([x.new_tensor([count]), local_sum, local_m2]))
         counts, sums, m2s = rows[:, :1], rows[:, 1 : channels + 1], rows[:, channels + 1 :]
         total = counts.sum()
         mean = sums.sum(0) / total
-        var = (m2s.sum(0) + (counts * (sums / counts - mean).square()).sum(0)) / total
+        var = (m2s.sum(0) + (counts * (sums / counts.clamp_min(1) - mean).square()).sum(0)) / total
         shift = local_mean - mean  # exactly 0 for one process
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
