@@ -75,6 +75,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def without_timing(records: list[dict]) -> list[dict]:
+    """Metrics records without their wall-clock fields, for comparing two runs."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+
+
 REFERENCE_STAGES = "[{name: t, lr: 0.003, max_epochs: 4, patience: 9}]"
 
 

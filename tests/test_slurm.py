@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_train, tiny_overrides
+from conftest import ROOT, read_metrics, run_train, tiny_overrides, without_timing
 
 from galaxydist import checkpoint
 
@@ -70,10 +70,6 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = JOB_TI
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
         time.sleep(0.2)
-
-
-def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
 
 
 @pytest.fixture(scope="module")

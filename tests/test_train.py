@@ -13,7 +13,15 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import ROOT, free_port, read_metrics, reference_overrides, run_train, tiny_overrides
+from conftest import (
+    ROOT,
+    free_port,
+    read_metrics,
+    reference_overrides,
+    run_train,
+    tiny_overrides,
+    without_timing,
+)
 
 from galaxydist import synthetic
 from galaxydist.data import keep_resident, read_prepared
@@ -100,11 +108,7 @@ def test_device_resident_data_trains_exactly_like_the_loader(tiny_prepared, tmp_
     assert loader.returncode == 0, loader.stderr[-3000:]
     assert resident.returncode == 0, resident.stderr[-3000:]
     assert_same_state(final_state(tmp_path / "loader"), final_state(tmp_path / "resident"), rtol=0, atol=0)
-    timeless = ("seconds", "images_per_second")
-    a, b = (
-        [{k: v for k, v in m.items() if k not in timeless} for m in read_metrics(tmp_path / r)]
-        for r in ("loader", "resident")
-    )
+    a, b = (without_timing(read_metrics(tmp_path / r)) for r in ("loader", "resident"))
     assert a == b and len(a) == 2
 
 
