@@ -1,6 +1,6 @@
 """Turn a Galaxy10-format HDF5 file, or an image folder with a labels CSV, into the prepared file.
 
-    python -m galaxydist.prepare SRC.h5 DST.h5 --crop 128 [--resize S] [--seed 0] [--force]
+    python -m galaxydist.prepare SRC.h5 DST.h5 --crop 128 [--resize S] [--seed 0] [--force] [--workers N]
     python -m galaxydist.prepare --images DIR --labels labels.csv DST.h5 --crop C [--resize S]
         [--classes classes.txt] [--label-map "2:1"] [--skip-bad] [--workers N]   (see folder.py)
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import h5py
@@ -25,6 +25,7 @@ from .atomic import atomic_path
 from .data import FORMAT_VERSION, SPLITS
 from .errors import UserError, run_cli
 from .galaxy10 import CLASS_NAMES, IMAGES_KEY, LABELS_KEY, OPTIONAL_COLUMNS
+from .pool import default_workers, in_order
 from .progress import track
 
 SPLIT_FRACTIONS = {"val": 0.15, "test": 0.15}
@@ -136,15 +137,17 @@ def write_prepared(
     splits = stratified_split(labels, k, seed)
     is_train = np.zeros(n, dtype=bool)
     is_train[splits["train"]] = True
-    channel_sum, channel_sq = np.zeros(3), np.zeros(3)
+    # Per-channel histograms of the training pixels give exact integer sums (float64 sums of the
+    # pixels were exact too, but took as long as decoding the source).
+    histogram = np.zeros((3, 256), dtype=np.int64)
     with atomic_path(dst_path) as tmp, h5py.File(tmp, "w") as dst:
         out = dst.create_dataset("images", shape=(n, size, size, 3), dtype=np.uint8)
         start = 0
         for slab in slabs:
             out[start : start + len(slab)] = slab
-            train_pixels = slab[is_train[start : start + len(slab)]].reshape(-1, 3).astype(np.float64)
-            channel_sum += train_pixels.sum(0)
-            channel_sq += (train_pixels**2).sum(0)
+            train_pixels = slab[is_train[start : start + len(slab)]].reshape(-1, 3)
+            for channel in range(3):
+                histogram[channel] += np.bincount(train_pixels[:, channel], minlength=256)
             start += len(slab)
         if start != n:
             raise UserError(f"{dst_path}: {start} images written for {n} labels")
@@ -155,6 +158,9 @@ def write_prepared(
         dst.create_dataset("class_weights", data=class_weights(labels[splits["train"]], k))
         for name, values in columns.items():
             dst.create_dataset(name, data=values)
+        levels = np.arange(256, dtype=np.int64)
+        channel_sum = (histogram @ levels).astype(np.float64)
+        channel_sq = (histogram @ levels**2).astype(np.float64)
         pixels = len(splits["train"]) * size * size
         mean = channel_sum / pixels / 255.0
         std = np.sqrt(np.maximum(channel_sq / pixels / 255.0**2 - mean**2, 1e-12))
@@ -169,10 +175,34 @@ def write_prepared(
         )
 
 
+_open_sources: dict[str, h5py.File] = {}  # this process's handle on a source, kept between slabs
+
+
+def read_slab(src_path: str, start: int, stop: int, crop: int, resize: int | None) -> np.ndarray:
+    """Rows [start, stop) of the source's images, cropped (and resized); runs in a worker process."""
+    if src_path not in _open_sources:
+        _open_sources[src_path] = h5py.File(src_path, "r")
+    try:
+        raw = _open_sources[src_path][IMAGES_KEY][start:stop]
+    except OSError as err:
+        raise UserError(f"{src_path}: images from row {start} cannot be read ({err})") from None
+    return centre_square(raw, crop, resize)
+
+
 def prepare(
-    src_path: str, dst_path: str, crop: int, seed: int = 0, force: bool = False, resize: int | None = None
+    src_path: str,
+    dst_path: str,
+    crop: int,
+    seed: int = 0,
+    force: bool = False,
+    resize: int | None = None,
+    workers: int = 1,
 ) -> None:
-    """Galaxy10-format HDF5 → prepared file, read in chunk-aligned slabs (memory independent of N)."""
+    """Galaxy10-format HDF5 → prepared file, read in chunk-aligned slabs (memory independent of N).
+
+    With workers > 1, processes decompress and crop slabs while this one writes them in order:
+    the file is the same for any number of workers.
+    """
     if os.path.exists(dst_path) and not force:
         raise UserError(f"{dst_path}: already exists (use --force to replace it)")
     with open_source(src_path) as src:
@@ -180,15 +210,9 @@ def prepare(
         validate_labels(labels, CLASS_NAMES, src_path)
         n = len(labels)
         step = slab_rows(images)
-
-        def slabs() -> Iterator[np.ndarray]:
-            for start in track(range(0, n, step), -(-n // step), f"prepare {Path(src_path).name}"):
-                try:
-                    raw = images[start : start + step]
-                except OSError as err:
-                    raise UserError(f"{src_path}: images from row {start} cannot be read ({err})") from None
-                yield centre_square(raw, crop, resize)
-
+        starts = range(0, n, step)
+        jobs = ((src_path, start, start + step, crop, resize) for start in starts)
+        slabs = in_order(read_slab, jobs, min(workers, len(starts)))
         columns = {c: src[c][()] for c in OPTIONAL_COLUMNS if c in src and src[c].shape[:1] == (n,)}
         provenance = {
             "source_name": Path(src_path).name,
@@ -197,10 +221,15 @@ def prepare(
             "crop": crop,
             "resize": resize or crop,
         }
-        write_prepared(dst_path, slabs(), labels, resize or crop, CLASS_NAMES, seed, columns, provenance)
+        tracked = track(slabs, len(starts), f"prepare {Path(src_path).name}")
+        try:
+            write_prepared(dst_path, tracked, labels, resize or crop, CLASS_NAMES, seed, columns, provenance)
+        finally:
+            if src_path in _open_sources:  # read here, with workers=1
+                _open_sources.pop(src_path).close()
 
 
-FOLDER_OPTIONS = ("labels", "classes", "label_map", "skip_bad", "workers")
+FOLDER_OPTIONS = ("labels", "classes", "label_map", "skip_bad")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,10 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     folder.add_argument("--label-map", metavar="OLD:NEW,...", help='rewrite CSV labels first, e.g. "2:1"')
     folder.add_argument("--skip-bad", action="store_true", help="leave out missing or unreadable images")
-    folder.add_argument("--workers", type=int, help="decoding processes (default: the CPU count)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="decoding processes; the output is the same for any number (default: usable CPUs, at most 8)",
+    )
     args = parser.parse_args(argv)
     if args.resize is not None and args.resize < 1:
         raise UserError(f"--resize {args.resize}: must be a positive size")
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
     if args.images is None:
         given = [
             f"--{name.replace('_', '-')}"
@@ -240,22 +276,19 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give SRC.h5 DST.h5, or --images DIR --labels CSV DST.h5")
         if Path(args.src).resolve() == Path(args.dst).resolve():
             raise UserError(f"{args.dst}: the output would overwrite the source")
-        prepare(
-            args.src, args.dst, 128 if args.crop is None else args.crop, args.seed, args.force, args.resize
-        )
+        crop = 128 if args.crop is None else args.crop
+        prepare(args.src, args.dst, crop, args.seed, args.force, args.resize, args.workers)
         print(summary(args.dst))
         return 0
     if args.src is not None:
         raise UserError(f"{args.src}: give either SRC.h5 or --images DIR, not both")
     if args.labels is None or args.crop is None:
         raise UserError("--images DIR needs --labels CSV and --crop C (images come in any size)")
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be at least 1")
     from .folder import prepare_folder  # folder builds on this module
 
     report = prepare_folder(
         args.images, args.labels, args.dst, args.crop, args.resize, args.classes, args.label_map,
-        args.skip_bad, args.workers or os.cpu_count() or 1, args.seed, args.force,
+        args.skip_bad, args.workers, args.seed, args.force,
     )  # fmt: skip
     print("\n".join([*report.lines(), summary(args.dst)]))
     return 0

@@ -8,14 +8,9 @@ normalised to a class-independent draw, so only the *shape* of the light tells t
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
 import sys
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from galaxydist.atomic import atomic_path
 from galaxydist.errors import UserError, run_cli
 from galaxydist.galaxy10 import CLASS_COUNTS, IMAGES_KEY, LABELS_KEY
+from galaxydist.pool import default_workers, in_order
 
 REAL_N = sum(CLASS_COUNTS)  # 17,736
 PXSCALE = 0.262  # DECaLS arcsec per pixel
@@ -285,10 +281,9 @@ def generate(
         "pxscale": np.full(n, PXSCALE),
     }
     starts = range(0, n, slab)
-    jobs = zip(starts, image_seed.spawn(len(starts)), strict=True)
     columns_bar = [TextColumn("synthetic"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     progress = Progress(*columns_bar, console=Console(stderr=True), disable=not sys.stderr.isatty())
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, progress, _pool(workers) as pool:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, progress:
         images = f.create_dataset(
             IMAGES_KEY, (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), compression="gzip",
             compression_opts=GZIP_LEVEL,
@@ -297,47 +292,16 @@ def generate(
         for name, col in columns.items():
             f.create_dataset(name, data=col.astype(np.float64))
         task = progress.add_task("render", total=n)
-        pending: deque[tuple[int, Future[list[bytes]]]] = deque()
-        for start, slab_seed in jobs:
-            args = (labels[start : start + slab], slab_seed, size, GZIP_LEVEL)
-            if pool is None:
-                progress.advance(task, _write_chunks(images, start, _render_slab(*args)))
-                continue
-            pending.append((start, pool.submit(_render_slab, *args)))
-            if len(pending) >= 2 * workers:
-                progress.advance(task, _write_chunks(images, *_done(pending.popleft())))
-        while pending:
-            progress.advance(task, _write_chunks(images, *_done(pending.popleft())))
-
-
-@contextmanager
-def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """Rendering processes, or None for one; spawned, not forked: a forked child of a process that
-    has used OpenMP (torch, in the tests) can hang."""
-    if workers == 1:
-        yield None
-        return
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-    try:
-        yield pool
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def _done(item: tuple[int, Future[list[bytes]]]) -> tuple[int, list[bytes]]:
-    start, future = item
-    return start, future.result()
+        slab_seeds = image_seed.spawn(len(starts))
+        jobs = ((labels[i : i + slab], s, size, GZIP_LEVEL) for i, s in zip(starts, slab_seeds, strict=True))
+        for start, chunks in zip(starts, in_order(_render_slab, jobs, workers), strict=True):
+            progress.advance(task, _write_chunks(images, start, chunks))
 
 
 def _write_chunks(images: h5py.Dataset, start: int, chunks: list[bytes]) -> int:
     for i, chunk in enumerate(chunks):
         images.id.write_direct_chunk((start + i, 0, 0, 0), chunk)
     return len(chunks)
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one, e.g. under SLURM)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (real: 256)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     parser.add_argument(
-        "--workers", type=int, default=min(8, _usable_cpus()),
+        "--workers", type=int, default=default_workers(),
         help="rendering processes (the file is the same for any number; default: usable CPUs, at most 8)",
     )  # fmt: skip
     args = parser.parse_args(argv)

@@ -63,6 +63,29 @@ def test_split_depends_on_seed(raw_small, tmp_path):
     assert not np.array_equal(a, b)
 
 
+def test_normalisation_statistics_are_those_of_the_training_pixels(raw_small, tiny_prepared):
+    info = read_prepared(tiny_prepared)
+    with h5py.File(raw_small) as src:
+        train = src["images"][np.sort(info.splits["train"]), 8:40, 8:40, :].reshape(-1, 3)
+    assert info.mean == tuple(train.sum(0, dtype=np.int64) / len(train) / 255.0)  # exact sums
+    np.testing.assert_allclose(info.std, (train / 255.0).std(0), rtol=1e-10)
+
+
+def test_same_file_whatever_the_worker_count(raw_small, tiny_prepared, tmp_path, monkeypatch):
+    from galaxydist import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "SLAB_BYTES", 48 * 48 * 3 * 50)  # 12 slabs of 50 images
+    for workers in (1, 2):
+        prepare_module.prepare(str(raw_small), str(tmp_path / f"w{workers}.h5"), crop=32, workers=workers)
+    with h5py.File(tiny_prepared) as one_slab:
+        for workers in (1, 2):
+            with h5py.File(tmp_path / f"w{workers}.h5") as f:
+                assert f["images"][()].tobytes() == one_slab["images"][()].tobytes()
+                assert f.attrs["mean"].tobytes() == one_slab.attrs["mean"].tobytes()
+                assert f.attrs["std"].tobytes() == one_slab.attrs["std"].tobytes()
+    assert prepare_module._open_sources == {}  # the source handle read with 1 worker is closed
+
+
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is not present")
 def test_prepare_real_galaxy10_sample(tmp_path):
     src = SHARED_DATA / "galaxy10-decals-sample" / "Galaxy10_DECals_sample120.h5"
