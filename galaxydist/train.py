@@ -363,15 +363,18 @@ class Trainer:
             raise Interrupted
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> Evaluation:
-        """Exact metrics over the whole split: each rank its unpadded shard, then a sum."""
+    def evaluate(self, split: str, full_precision: bool = False) -> Evaluation:
+        """Exact metrics over the whole split: each rank its unpadded shard, then a sum.
+        `full_precision` turns bf16 autocast off, for numbers `galaxydist.evaluate` reproduces."""
         ctx, k = self.ctx, self.info.num_classes
         self.model.eval()  # the bare module: no DDP buffer broadcast, no collective per batch
         cm = torch.zeros(k, k, dtype=torch.int64, device=ctx.device)
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         for images, labels, rows in self.eval_loaders[split]:
             x, y = self.to_inputs(images, labels, rows, 0, train=False)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(
+                ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not full_precision
+            ):
                 logits = self.model(x).float()
             w = self.weights[y]
             sums += torch.stack([(w * F.cross_entropy(logits, y, reduction="none")).sum(), w.sum()]).double()
@@ -433,9 +436,10 @@ class Trainer:
         return pos
 
     def finish(self) -> dict[str, Any]:
-        """Evaluate the best weights once on the untouched test split; write the summary."""
+        """Evaluate the best weights once on the untouched test split, in float32 like
+        `galaxydist.evaluate`; write the summary."""
         self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
-        test, val = self.evaluate("test"), self.evaluate("val")
+        test, val = self.evaluate("test", full_precision=True), self.evaluate("val", full_precision=True)
         names = list(self.info.class_names)
         summary = {
             "test_accuracy": test.accuracy,

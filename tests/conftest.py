@@ -128,12 +128,18 @@ class TrainedRun:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_prepared) -> TrainedRun:
     """A tiny 2-rank run logged to W&B offline (with a sentinel API key in the environment);
-    read, never modified, by the tracking, evaluate and predict tests."""
+    read, never modified, by the tracking, evaluate and predict tests. It trains under bf16
+    autocast, as on a GPU, so evaluate must reproduce a run whose validation was bf16."""
     root = tmp_path_factory.mktemp("trained")
     overrides = tiny_overrides(
         tiny_prepared,
         root / "run",
-        **{"tracking.wandb": "offline", "tracking.group": "tests", "tracking.tags": "[tiny,ci]"},
+        **{
+            "tracking.wandb": "offline",
+            "tracking.group": "tests",
+            "tracking.tags": "[tiny,ci]",
+            "speed.bf16": "true",
+        },
     )
     result = run_train(2, overrides, extra_env=wandb_env(root))
     assert result.returncode == 0, result.stderr[-3000:]
