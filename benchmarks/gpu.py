@@ -22,6 +22,7 @@ exits with a message; `--dry-run` runs every code path tiny on the CPU instead (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -104,10 +105,23 @@ def throughput(
     return {"images_per_s": batch * steps / seconds, "warmup_s": warm, "steps": steps, "peak_gib": peak}
 
 
-def grid(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def compile_problem(device: torch.device, backend: str) -> str | None:
+    """Why torch.compile cannot work here (e.g. no C compiler for Triton's launcher), found in
+    seconds on a toy function instead of after each cell's full compilation; None if it works."""
+    torch._dynamo.reset()
+    try:
+        torch.compile(lambda t: torch.sin(t) * 2, backend=backend)(torch.ones(8, device=device))
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"[:300]
+    return None
+
+
+def grid(args: argparse.Namespace, device: torch.device, result: dict[str, Any]) -> None:
+    """Every cell into result["grid"], the JSON rewritten after each: a kill at a time limit keeps
+    the cells already measured."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the Trainer sets it on CUDA
-    cells = []
+    cells = result.setdefault("grid", [])
     plan = [
         (batch, compiled, bf16, layout, False)
         for batch, compiled, bf16, layout in itertools.product(
@@ -116,31 +130,37 @@ def grid(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]
         if not compiled or (not args.no_compile and layout in args.compile_layouts)
     ]
     plan += [(batch, False, True, "channels_last", True) for batch in args.batches]  # the Trainer's sync
+    no_compile = compile_problem(device, args.backend) if any(c[1] for c in plan) else None
     for batch, compiled, bf16, layout, host_sync in plan:
         cell = {"batch": batch, "compiled": compiled, "bf16": bf16, "layout": layout, "host_sync": host_sync}
         steps = max(args.min_steps, args.images // batch)
-        try:
-            cell |= throughput(
-                device,
-                batch,
-                args.size,
-                compiled,
-                bf16,
-                layout == "channels_last",
-                args.warmup,
-                steps,
-                args.backend,
-                host_sync,
-            )
-        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than torch 2.4
-            cell["error"] = "out of memory"
-        except Exception as err:  # a failed cell (e.g. a compiler error) must not lose the others
-            cell["error"] = f"{type(err).__name__}: {err}"[:300]
+        if compiled and no_compile:
+            cell["error"] = f"skipped, torch.compile fails here: {no_compile}"
+        else:
+            try:
+                cell |= throughput(
+                    device,
+                    batch,
+                    args.size,
+                    compiled,
+                    bf16,
+                    layout == "channels_last",
+                    args.warmup,
+                    steps,
+                    args.backend,
+                    host_sync,
+                )
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than torch 2.4
+                cell["error"] = "out of memory"
+            except Exception as err:  # a failed cell (e.g. a compiler error) must not lose the others
+                cell["error"] = f"{type(err).__name__}: {err}"[:300]
+                if compiled:  # the next compiled cells would spend their compile time to fail alike
+                    no_compile = cell["error"]
         print(json.dumps(cell), flush=True)
         cells.append(cell)
+        save(result, args)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return cells
 
 
 def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -206,7 +226,9 @@ def run_cli(argv: list[str], log: Path) -> float:
     return seconds
 
 
-def recipe_run(args: argparse.Namespace, prepared: Path, workdir: Path, compiled: bool) -> dict[str, Any]:
+def recipe_run(
+    args: argparse.Namespace, prepared: Path, workdir: Path, logs: Path, compiled: bool
+) -> dict[str, Any]:
     """The two-stage recipe as a user runs it; what the run folder says about it."""
     out = workdir / ("run_compiled" if compiled else "run")
     overrides = [
@@ -217,7 +239,7 @@ def recipe_run(args: argparse.Namespace, prepared: Path, workdir: Path, compiled
         *args.recipe_override,
     ]
     argv = ["-m", "galaxydist.train", "--config", str(common.ROOT / "configs" / "galaxy10.yaml"), *overrides]
-    seconds = run_cli(argv, workdir / f"train{'_compiled' if compiled else ''}.log")
+    seconds = run_cli(argv, logs / f"train{'_compiled' if compiled else ''}.log")
     result: dict[str, Any] = {"command": "python " + " ".join(argv), "train_s": seconds, "compiled": compiled}
     metrics = sorted(out.rglob("metrics.jsonl"))
     if metrics:
@@ -234,22 +256,23 @@ def recipe_run(args: argparse.Namespace, prepared: Path, workdir: Path, compiled
 
 
 def recipe(
-    args: argparse.Namespace, workdir: Path, generator: subprocess.Popen | None, raw: Path
+    args: argparse.Namespace, workdir: Path, logs: Path, generator: subprocess.Popen | None, raw: Path
 ) -> dict[str, Any]:
     gen_s = None
     if generator is not None:
         if generator.wait():
             raise SystemExit(
-                f"gpu.py: synthetic generation failed:\n{(workdir / 'synthetic.log').read_text()[-3000:]}"
+                f"gpu.py: synthetic generation failed:\n{(logs / 'synthetic.log').read_text()[-3000:]}"
             )
         generator.watcher.join()  # type: ignore[attr-defined]
         gen_s = generator.finished - generator.started  # type: ignore[attr-defined]
+    warm_font_cache()
     prepared = workdir / "prepared.h5"
     argv = ["-m", "galaxydist.prepare", str(raw), str(prepared), "--crop", str(args.crop), "--force"]
-    prepare_s = run_cli(argv, workdir / "prepare.log")
-    runs = [recipe_run(args, prepared, workdir, compiled=False)]
+    prepare_s = run_cli(argv, logs / "prepare.log")
+    runs = [recipe_run(args, prepared, workdir, logs, compiled=False)]
     if args.recipe_compile:
-        runs.append(recipe_run(args, prepared, workdir, compiled=True))
+        runs.append(recipe_run(args, prepared, workdir, logs, compiled=True))
     for run in runs:
         run["with_prepare_s"] = prepare_s + run["train_s"]
     return {
@@ -264,7 +287,13 @@ def recipe(
     }
 
 
-def start_generator(args: argparse.Namespace, raw: Path, workdir: Path) -> subprocess.Popen:
+def warm_font_cache() -> None:
+    """matplotlib builds its font cache on its first import on a machine (seconds): not recipe time."""
+    with contextlib.suppress(ImportError):
+        import matplotlib.font_manager  # noqa: F401
+
+
+def start_generator(args: argparse.Namespace, raw: Path, logs: Path) -> subprocess.Popen:
     """The synthetic Galaxy10 file, made in the background (CPU) while the grid uses the GPU."""
     argv = [
         "-m",
@@ -276,7 +305,7 @@ def start_generator(args: argparse.Namespace, raw: Path, workdir: Path) -> subpr
         str(args.raw_size),
         "--force",
     ]
-    log = (workdir / "synthetic.log").open("w")
+    log = (logs / "synthetic.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, *argv], cwd=common.ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT
     )
@@ -353,16 +382,20 @@ def main() -> None:
     result: dict[str, Any] = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="gd_gpu_", dir=args.workdir) as tmp:
         workdir = Path(tmp)
+        # The commands' logs: beside --out when given (they come back from a lent device even
+        # after a kill at its time limit), else with the scratch files.
+        logs = args.out.parent / f"{args.out.stem}_logs" if args.out else workdir
+        logs.mkdir(parents=True, exist_ok=True)
         raw = args.raw or workdir / "synthetic.h5"
-        generator = None if (args.skip_recipe or args.raw) else start_generator(args, raw, workdir)
+        generator = None if (args.skip_recipe or args.raw) else start_generator(args, raw, logs)
         try:
             if not args.skip_grid:
-                result["grid"] = grid(args, device)
+                grid(args, device, result)
                 result["data_path"] = data_path(args, device)
-                save(result, args)  # a later failure or a kill must not lose the grid
+                save(result, args)
             if not args.skip_recipe:
                 try:
-                    result["recipe"] = recipe(args, workdir, generator, raw)
+                    result["recipe"] = recipe(args, workdir, logs, generator, raw)
                 except (Exception, SystemExit) as err:
                     result["recipe_error"] = str(err)[-3000:]
                     print(f"recipe failed: {result['recipe_error']}", file=sys.stderr)
