@@ -168,6 +168,7 @@ def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
     the gather as DeviceResident does it (images[idx]) and as index_select, then normalise,
     the host-side hashed draws copied to the device, augment, channels_last."""
     from galaxydist.augment import augment, normalise, uniforms
+    from galaxydist.data import host_to_device
 
     n = 64 if args.dry_run else 12_400  # Galaxy10's train split
     nhwc = torch.randint(0, 256, (n, args.size, args.size, 3), dtype=torch.uint8, device=device)
@@ -181,8 +182,7 @@ def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
 
         def to_inputs(index: torch.Tensor = index, host_rows: Any = host_rows) -> torch.Tensor:
             x = normalise(images.index_select(0, index), mean, std, torch.float32)
-            draws = torch.from_numpy(uniforms(0, 0, host_rows, 3).astype("float32"))
-            draws = draws.to(device, non_blocking=True)  # as Trainer.to_inputs: no wait for the GPU
+            draws = host_to_device(torch.from_numpy(uniforms(0, 0, host_rows, 3).astype("float32")), device)
             x = augment(x, draws, 0.5, 0.5, 180.0)
             return x.contiguous(memory_format=torch.channels_last)
 

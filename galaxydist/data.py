@@ -215,10 +215,21 @@ class DeviceResident:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for positions in self.batches:
-            index = torch.as_tensor(positions)
-            on_device = index.to(self.device, non_blocking=True)
-            yield self.images[on_device], self.labels[on_device], self.rows[index]
+        batches = [torch.as_tensor(positions) for positions in self.batches]
+        if not batches:
+            return
+        # The epoch's positions go over in one copy: no host-to-device transfer inside the steps.
+        on_device = host_to_device(torch.cat(batches), self.device).split([len(b) for b in batches])
+        for index, index_on_device in zip(batches, on_device, strict=True):
+            yield self.images[index_on_device], self.labels[index_on_device], self.rows[index]
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy that never makes the host wait for the GPU: from pageable memory the driver may
+    synchronise with the stream, so the tensor is staged in (cached) pinned memory first."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def keep_resident(setting: bool | Literal["auto"], device: torch.device, nbytes: int) -> bool:

@@ -35,6 +35,7 @@ from .data import (
     ShardBatches,
     TrainBatches,
     batch_source,
+    host_to_device,
     keep_resident,
     prepared_path_hint,
     read_prepared,
@@ -392,8 +393,7 @@ class Trainer:
         if train:
             aug = self.cfg.augment
             draws = uniforms(self.cfg.seed, epoch_key, rows.numpy(), 3).astype(np.float32)
-            # non_blocking: a blocking host-to-GPU copy would wait for the previous step to finish
-            draws = torch.from_numpy(draws).to(device, non_blocking=True)
+            draws = host_to_device(torch.from_numpy(draws), device)
             x = augment(x, draws, aug.hflip, aug.vflip, aug.rotate)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
