@@ -27,3 +27,19 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as err:  # a foreign pickle, a damaged zip: all mean "not our checkpoint"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a loadable galaxydist checkpoint ({first_line})") from None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """`saved` (an optimizer state_dict) into `optimizer`, adapted to where it runs now.
+
+    torch restores the saving run's `fused` flag with the state (a CPU checkpoint would resume
+    unfused on a GPU), and moments keep the saving run's memory layout (speed.channels_last may
+    differ; CUDA's fused Adam refuses moments laid out unlike their parameters).
+    """
+    fused = optimizer.param_groups[0].get("fused")
+    groups = [{**group, "fused": fused} for group in saved["param_groups"]]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                state[key] = torch.empty_like(param).copy_(value)

@@ -54,7 +54,9 @@ def setup(timeout_s: float = 600.0, use_cuda: bool | None = None) -> Context:
             rank=rank,
             world_size=world_size,
             timeout=timeout,
-            device_id=device if use_cuda else None,
+            # device_id initialises NCCL eagerly; torch 2.6.x-2.7.0 can then hang at random
+            # (pytorch/pytorch#153960): there the group binds lazily to the device set above.
+            device_id=device if use_cuda and torch.__version__ >= "2.7.1" else None,
         )
     return Context(rank, world_size, local_rank, device)
 

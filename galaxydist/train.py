@@ -429,7 +429,7 @@ class Trainer:
         pos = Position(**state["position"])
         if "optimizer" in state and pos.stage < len(self.cfg.stages):
             self.optimizer = self.new_optimizer(self.cfg.stages[pos.stage].lr)
-            self.optimizer.load_state_dict(state["optimizer"])
+            checkpoint.load_optimizer_state(self.optimizer, state["optimizer"])
         if self.tracker:
             self.tracker.resume_at(pos.stage, pos.epoch)
             self.log(f"resuming from {path} at stage {pos.stage} epoch {pos.epoch} step {pos.step}")

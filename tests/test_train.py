@@ -13,6 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (
     ROOT,
     free_port,
@@ -23,8 +24,9 @@ from conftest import (
     without_timing,
 )
 
-from galaxydist import synthetic
+from galaxydist import checkpoint, synthetic
 from galaxydist.data import keep_resident, read_prepared
+from galaxydist.model import GalaxyCNN
 from galaxydist.prepare import prepare
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -232,6 +234,32 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert_same_run(reference_run, run)
+
+
+def test_resumed_adam_takes_this_runs_kernel_and_memory_layout():
+    """A checkpoint from an unfused NCHW run, resumed with channels_last and fused Adam (as a CPU
+    checkpoint resumed on a GPU): the flag is this run's, the moments are laid out like their
+    parameters (CUDA's fused Adam refuses them otherwise), their values are unchanged."""
+    torch.manual_seed(0)
+    saving_model = GalaxyCNN([4, 8], 3)
+    saving = torch.optim.Adam(saving_model.parameters(), lr=1e-3)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    F.cross_entropy(saving_model(x), y).backward()
+    saving.step()
+    model = GalaxyCNN([4, 8], 3)
+    model.load_state_dict(saving_model.state_dict())
+    model = model.to(memory_format=torch.channels_last)
+    resumed = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    checkpoint.load_optimizer_state(resumed, saving.state_dict())
+    assert resumed.param_groups[0]["fused"] is True
+    conv = model.features[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    for old, new in zip(saving_model.parameters(), model.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert resumed.state[new][key].stride() == new.stride()
+            torch.testing.assert_close(resumed.state[new][key], saving.state[old][key], rtol=0, atol=0)
+    F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
+    resumed.step()
 
 
 def test_demo_recipe_learns_far_above_chance(tmp_path_factory):
