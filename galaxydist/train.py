@@ -47,6 +47,7 @@ from .progress import is_terminal
 from .tracking import RunFolder, Tracker
 
 EXIT_NONFINITE = 3
+EXIT_CANNOT_SAVE = 74  # EX_IOERR: rank 0 could not write a checkpoint; the previous ones are kept
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; run again to resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -57,6 +58,10 @@ class Interrupted(Exception):
 
 class NonFiniteLoss(Exception):
     pass
+
+
+class CannotSave(Exception):
+    """Rank 0 could not write a checkpoint (disk full, permissions): every rank stops together."""
 
 
 _stop_requested = False
@@ -401,8 +406,20 @@ class Trainer:
 
     # --- checkpoints, resume and the end of the run -----------------------------------------
     def save(self, name: str, pos: Position, val: Evaluation | None = None) -> None:
-        if not self.ctx.is_main:
-            return
+        """Rank 0 writes; every rank calls this at the same point and learns whether it worked,
+        so a failed write stops them all with its reason instead of crashing rank 0 alone."""
+        error = None
+        if self.ctx.is_main:
+            path = self.run.checkpoints / name
+            try:
+                checkpoint.save(self.checkpoint_state(name, pos, val), path)
+            except OSError as err:
+                error = f"cannot write {path} ({err.strerror or err})"
+        error = distributed.broadcast_object(error)
+        if error:
+            raise CannotSave(error)
+
+    def checkpoint_state(self, name: str, pos: Position, val: Evaluation | None) -> dict[str, Any]:
         state = {
             "model": self.model.state_dict(),
             "config": self.cfg.to_dict(),
@@ -418,7 +435,7 @@ class Trainer:
             state["optimizer"] = self.optimizer.state_dict()
         if val is not None:
             state["val_accuracy"] = val.accuracy
-        checkpoint.save(state, self.run.checkpoints / name)
+        return state
 
     def restore(self, resume: tuple[Path, dict] | None) -> Position:
         """Weights, optimiser and position from a checked checkpoint (see load_resume_state)."""
@@ -549,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
         together = True
         print(f"rank {ctx.rank}: {err}; stopping (last good checkpoint kept)", file=sys.stderr)
         return EXIT_NONFINITE
+    except CannotSave as err:
+        together = True
+        print(f"rank {ctx.rank}: rank 0 {err}; stopping (the previous checkpoints are kept)", file=sys.stderr)
+        return EXIT_CANNOT_SAVE
     except UserError:
         together = True  # bad input is seen alike by every rank
         raise

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import reference_overrides, run_train, tiny_overrides
+from conftest import read_metrics, reference_overrides, run_train, tiny_overrides
 from test_train import HELPERS, assert_same_run, start_torchrun, torchrun_script, wait_for_epochs, workers_of
 
 from galaxydist import checkpoint
@@ -81,6 +81,22 @@ checkpoint.save({{"step": 2, "w": torch.zeros(3)}}, {str(path)!r})
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     partial = [p for p in path.parent.iterdir() if p.name != "last.pt"]
     assert len(partial) == 1 and partial[0].name.startswith(".last.pt.")  # never named like a checkpoint
+
+
+def test_failed_checkpoint_write_stops_every_rank_with_its_reason(tiny_prepared, tmp_path):
+    """Rank 0 cannot write best.pt after the first epoch (here: a directory stands in its way; a
+    full disk or lost permissions alike): both ranks leave together, exit 74, with the reason
+    rather than a traceback, and no temporary file is left behind."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best.pt").mkdir(parents=True)
+    result = run_train(2, tiny_overrides(tiny_prepared, run))
+    assert result.returncode != 0
+    assert result.stderr.count("exitcode  : 74") == 2, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: rank 0 cannot write {run / 'checkpoints' / 'best.pt'}" in result.stderr
+    assert "IsADirectoryError" not in result.stderr  # a reason, not a rank's traceback
+    assert [r["epoch"] for r in read_metrics(run)] == [0]  # it trained, then stopped at the save
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["best.pt"]
 
 
 def test_unwritable_output_folder_fails_before_training(tiny_prepared, tmp_path):
