@@ -384,7 +384,7 @@ def main() -> None:
         workdir = Path(tmp)
         # The commands' logs: beside --out when given (they come back from a lent device even
         # after a kill at its time limit), else with the scratch files.
-        logs = args.out.parent / f"{args.out.stem}_logs" if args.out else workdir
+        logs = args.out.parent / f"{args.out.stem}_logs" if args.out and not args.skip_recipe else workdir
         logs.mkdir(parents=True, exist_ok=True)
         raw = args.raw or workdir / "synthetic.h5"
         generator = None if (args.skip_recipe or args.raw) else start_generator(args, raw, logs)

@@ -18,9 +18,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from .errors import UserError
-
-FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
+from .layout import FORMAT_VERSION, SPLITS
 
 
 @dataclass(frozen=True)

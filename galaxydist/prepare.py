@@ -17,14 +17,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from . import __version__
 from .atomic import atomic_path
-from .data import FORMAT_VERSION, SPLITS
 from .errors import UserError, run_cli
 from .galaxy10 import CLASS_NAMES, IMAGES_KEY, LABELS_KEY, OPTIONAL_COLUMNS
+from .layout import FORMAT_VERSION, SPLITS
 from .pool import default_workers, in_order
 from .progress import track
 
@@ -114,6 +112,9 @@ def centre_square(images: np.ndarray, crop: int, resize: int | None) -> np.ndarr
     square = images[:, top : top + crop, left : left + crop, :]
     if resize is None or resize == crop:
         return np.ascontiguousarray(square)
+    import torch  # here only: prepare's workers need no torch unless they resize
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(square)).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

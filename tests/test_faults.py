@@ -17,7 +17,15 @@ import psutil
 import pytest
 import torch
 from conftest import read_metrics, reference_overrides, run_train, tiny_overrides
-from test_train import HELPERS, assert_same_run, start_torchrun, torchrun_script, wait_for_epochs, workers_of
+from test_train import (
+    HELPERS,
+    assert_same_run,
+    start_torchrun,
+    torchrun_script,
+    wait_for,
+    wait_for_epochs,
+    workers_of,
+)
 
 from galaxydist import checkpoint
 from galaxydist.errors import UserError
@@ -97,6 +105,36 @@ def test_failed_checkpoint_write_stops_every_rank_with_its_reason(tiny_prepared,
     assert "IsADirectoryError" not in result.stderr  # a reason, not a rank's traceback
     assert [r["epoch"] for r in read_metrics(run)] == [0]  # it trained, then stopped at the save
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["best.pt"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_data_command_leaves_no_worker_and_no_partial_file(tmp_path, sig):
+    """prepare/synthetic's worker pool under `kill` and `kill -9` of the command: the workers go
+    with it (the kernel kills them for -9), and after a SIGTERM the temporary output is removed."""
+    fifo, dst = tmp_path / "never-written", tmp_path / "out.txt"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, str(HELPERS / "blocked_pool.py"), str(fifo), str(dst)])
+
+    def pool_workers() -> list[psutil.Process]:
+        children = psutil.Process(proc.pid).children()
+        return [
+            p
+            for p in children
+            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())
+        ]
+
+    def temporary_files() -> list[Path]:
+        return [p for p in tmp_path.iterdir() if p.name.startswith(".out.txt.")]
+
+    wait_for(lambda: len(pool_workers()) == 2 and temporary_files(), 60, "two workers and a temporary file")
+    workers = pool_workers()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert alive == []
+    assert not dst.exists()
+    if sig == signal.SIGTERM:
+        assert temporary_files() == []
 
 
 def test_unwritable_output_folder_fails_before_training(tiny_prepared, tmp_path):

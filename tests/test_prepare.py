@@ -86,6 +86,28 @@ def test_same_file_whatever_the_worker_count(raw_small, tiny_prepared, tmp_path,
     assert prepare_module._open_sources == {}  # the source handle read with 1 worker is closed
 
 
+def test_damaged_chunk_read_by_a_worker_is_one_clear_error(tmp_path, monkeypatch):
+    """A corrupt gzip chunk mid-file, decoded in a worker process: a UserError naming the rows
+    (one `error:` line from the CLI), no output and no temporary file."""
+    from galaxydist import prepare as prepare_module
+    from galaxydist.errors import UserError
+
+    good = good_arrays(n=60)
+    src = tmp_path / "damaged.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("images", data=good["images"], chunks=(1, 16, 16, 3), compression="gzip")
+        f.create_dataset("ans", data=(np.arange(60) % 10).astype(np.uint8))
+        chunk = f["images"].id.get_chunk_info(45)  # in the fourth slab of 15 images
+    with open(src, "r+b") as f:
+        f.seek(chunk.byte_offset + 2)
+        f.write(b"\xff" * (chunk.size - 4))
+    monkeypatch.setattr(prepare_module, "SLAB_BYTES", 16 * 16 * 3 * 15)
+    dst = tmp_path / "out" / "dst.h5"
+    with pytest.raises(UserError, match=r"damaged\.h5: images from row 45 cannot be read"):
+        prepare_module.prepare(str(src), str(dst), crop=8, workers=2)
+    assert not dst.parent.exists() or list(dst.parent.iterdir()) == []
+
+
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is not present")
 def test_prepare_real_galaxy10_sample(tmp_path):
     src = SHARED_DATA / "galaxy10-decals-sample" / "Galaxy10_DECals_sample120.h5"
