@@ -15,7 +15,7 @@ exits with a message; `--dry-run` runs every code path tiny on the CPU instead (
     python benchmarks/gpu.py                         # ~6-8 min on one H100/H200
     python benchmarks/gpu.py --out $OUT/gpu.json     # on the lent device: results come back from $OUT
     python benchmarks/gpu.py --skip-recipe           # the grid only
-    python benchmarks/gpu.py --compile-layouts nchw channels_last --recipe-compile
+    python benchmarks/gpu.py --compile-layouts nchw channels_last --compile-dtypes fp32 bf16 --recipe-compile
     .venv/bin/python benchmarks/gpu.py --dry-run     # CPU check of the code paths, ~1 min
 """
 
@@ -116,6 +116,10 @@ def compile_problem(device: torch.device, backend: str) -> str | None:
     return None
 
 
+def dtype(bf16: bool) -> str:
+    return "bf16" if bf16 else "fp32"
+
+
 def grid(args: argparse.Namespace, device: torch.device, result: dict[str, Any]) -> None:
     """Every cell into result["grid"], the JSON rewritten after each: a kill at a time limit keeps
     the cells already measured."""
@@ -127,15 +131,16 @@ def grid(args: argparse.Namespace, device: torch.device, result: dict[str, Any])
         for batch, compiled, bf16, layout in itertools.product(
             args.batches, (False, True), (False, True), ("nchw", "channels_last")
         )
-        if not compiled or (not args.no_compile and layout in args.compile_layouts)
+        if not compiled
+        or (not args.no_compile and layout in args.compile_layouts and dtype(bf16) in args.compile_dtypes)
     ]
     plan += [(batch, False, True, "channels_last", True) for batch in args.batches]  # the Trainer's sync
-    no_compile = compile_problem(device, args.backend) if any(c[1] for c in plan) else None
+    compile_failure = compile_problem(device, args.backend) if any(c[1] for c in plan) else None
     for batch, compiled, bf16, layout, host_sync in plan:
         cell = {"batch": batch, "compiled": compiled, "bf16": bf16, "layout": layout, "host_sync": host_sync}
         steps = max(args.min_steps, args.images // batch)
-        if compiled and no_compile:
-            cell["error"] = f"skipped, torch.compile fails here: {no_compile}"
+        if compiled and compile_failure:
+            cell["error"] = f"skipped, torch.compile fails here: {compile_failure}"
         else:
             try:
                 cell |= throughput(
@@ -155,7 +160,7 @@ def grid(args: argparse.Namespace, device: torch.device, result: dict[str, Any])
             except Exception as err:  # a failed cell (e.g. a compiler error) must not lose the others
                 cell["error"] = f"{type(err).__name__}: {err}"[:300]
                 if compiled:  # the next compiled cells would spend their compile time to fail alike
-                    no_compile = cell["error"]
+                    compile_failure = cell["error"]
         print(json.dumps(cell), flush=True)
         cells.append(cell)
         save(result, args)
@@ -335,6 +340,10 @@ def parse_args() -> argparse.Namespace:
         help="layouts to compile (each compiled cell costs ~30-60 s of compilation)",
     )  # fmt: skip
     parser.add_argument(
+        "--compile-dtypes", nargs="+", default=["bf16"], choices=["fp32", "bf16"],
+        help="dtypes to compile (default: bf16, the fast path; fp32 doubles the compile time)",
+    )  # fmt: skip
+    parser.add_argument(
         "--backend", default=None, help="torch.compile backend (default: inductor; eager with --dry-run)"
     )
     parser.add_argument("--skip-grid", action="store_true")
@@ -357,6 +366,7 @@ def parse_args() -> argparse.Namespace:
     if args.dry_run:  # every code path, at toy sizes, on the CPU
         args.batches, args.size, args.images, args.min_steps, args.warmup = [4], 32, 8, 2, 1
         args.compile_layouts = ["nchw", "channels_last"]
+        args.compile_dtypes = ["fp32", "bf16"]
         args.backend = args.backend or "eager"  # dynamo tracing without a C++ build: seconds, not minutes
         args.n, args.raw_size, args.crop = 300, 64, 48
         args.recipe_override = [
