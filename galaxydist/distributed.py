@@ -35,6 +35,9 @@ class Context:
         return self.world_size > 1 or dist.is_initialized()
 
 
+_store: dist.Store | None = None  # the process group's rendezvous store (see _restart_store)
+
+
 def setup(timeout_s: float = 600.0, use_cuda: bool | None = None) -> Context:
     """Join the process group torchrun (or SLURM via submitit) described in the environment."""
     rank = int(os.environ.get("RANK", 0))
@@ -48,9 +51,11 @@ def setup(timeout_s: float = 600.0, use_cuda: bool | None = None) -> Context:
         device = torch.device("cpu")
     if "RANK" in os.environ and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
+        global _store
+        _store = _restart_store(rank, world_size, timeout)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            store=_restart_store(rank, world_size, timeout),
+            store=_store,
             rank=rank,
             world_size=world_size,
             timeout=timeout,
@@ -78,11 +83,26 @@ def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
 def teardown(together: bool = True) -> None:
     """Leave the process group; `together` (every rank on the same exit path) waits for all ranks
     first, so no rank closes its connections while a peer's transport still uses them (seen here:
-    an occasional "terminate called without an active exception" abort in the later rank)."""
+    an occasional "terminate called without an active exception" abort in the later rank).
+
+    The wait goes through the rendezvous store, not `dist.barrier()`: gloo's barrier keeps the
+    collectives still in flight alive until its worker thread drops it, and DDP keeps the group,
+    and so that thread, alive past `destroy_process_group`; when the thread then frees those
+    tensors during interpreter shutdown it cannot take the GIL and the process aborts (the same
+    message, seen in ~2 % of 2-rank CPU runs here; core dump: ~AsyncBarrierWork → decref_pyobject
+    → take_gil → pthread_exit during Py_FinalizeEx; cf. pytorch/pytorch#179291).
+    """
     if dist.is_initialized():
         if together:
-            dist.barrier()
+            _store_barrier("teardown")
         dist.destroy_process_group()
+
+
+def _store_barrier(name: str) -> None:
+    """Every rank arrives before any leaves; only store requests, no collective work objects."""
+    if _store.add(f"{name}/arrived", 1) == dist.get_world_size():
+        _store.set(f"{name}/all", "1")
+    _store.wait([f"{name}/all"])
 
 
 def split_batch(global_batch: int, ctx: Context, key: str = "data.batch_size") -> int:
