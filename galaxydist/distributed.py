@@ -93,16 +93,18 @@ def teardown(together: bool = True) -> None:
     → take_gil → pthread_exit during Py_FinalizeEx; cf. pytorch/pytorch#179291).
     """
     if dist.is_initialized():
-        if together:
-            _store_barrier("teardown")
+        if together and _store is not None:
+            _store_barrier(_store, "teardown")
+        elif together:  # a group set up by the caller, whose store we do not hold
+            dist.barrier()
         dist.destroy_process_group()
 
 
-def _store_barrier(name: str) -> None:
+def _store_barrier(store: dist.Store, name: str) -> None:
     """Every rank arrives before any leaves; only store requests, no collective work objects."""
-    if _store.add(f"{name}/arrived", 1) == dist.get_world_size():
-        _store.set(f"{name}/all", "1")
-    _store.wait([f"{name}/all"])
+    if store.add(f"{name}/arrived", 1) == dist.get_world_size():
+        store.set(f"{name}/all", "1")
+    store.wait([f"{name}/all"])
 
 
 def split_batch(global_batch: int, ctx: Context, key: str = "data.batch_size") -> int:

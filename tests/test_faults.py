@@ -93,13 +93,14 @@ checkpoint.save({{"step": 2, "w": torch.zeros(3)}}, {str(path)!r})
 
 def test_failed_checkpoint_write_stops_every_rank_with_its_reason(tiny_prepared, tmp_path):
     """Rank 0 cannot write best.pt after the first epoch (here: a directory stands in its way; a
-    full disk or lost permissions alike): both ranks leave together, exit 74, with the reason
-    rather than a traceback, and no temporary file is left behind."""
+    full disk or lost permissions alike): both ranks stop on it with the reason rather than a
+    traceback, exit 74, and no temporary file is left behind."""
     run = tmp_path / "run"
     (run / "checkpoints" / "best.pt").mkdir(parents=True)
     result = run_train(2, tiny_overrides(tiny_prepared, run))
     assert result.returncode != 0
-    assert result.stderr.count("exitcode  : 74") == 2, result.stderr[-3000:]
+    # The first rank out exits 74; torchrun may then stop the other before its own exit.
+    assert "exitcode  : 74" in result.stderr, result.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: rank 0 cannot write {run / 'checkpoints' / 'best.pt'}" in result.stderr
     assert "IsADirectoryError" not in result.stderr  # a reason, not a rank's traceback
