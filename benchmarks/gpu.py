@@ -4,6 +4,8 @@
    batch 64/256/1024 × eager/torch.compile × fp32/bf16 autocast × NCHW/channels_last. Each cell:
    a fresh model and Adam, the Trainer's loss (weighted CE over the batch), warm-up steps (compile,
    cudnn.benchmark autotuning), then timed steps between torch.cuda.synchronize() calls.
+   Then a profile of the eager fast path per batch size: device busy time against wall time per
+   step, the top kernels, and torch's profiler table (in <out>_profile.txt).
 2. Recipe: `python -m galaxydist.synthetic` (17,736 images at 256², the real size; generated in the
    background while the grid runs), `python -m galaxydist.prepare --crop 128`, then
    `python -m galaxydist.train --config configs/galaxy10.yaml tracking.wandb=disabled`: wall time
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +53,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def throughput(
+def training_step(
     device: torch.device,
     batch: int,
     size: int,
     compiled: bool,
     bf16: bool,
     channels_last: bool,
-    warmup: int,
-    steps: int,
     backend: str,
     host_sync: bool = False,
-) -> dict[str, Any]:
-    """Training images/s of one grid cell; a fresh model, optimiser and compile cache each time.
+) -> Callable[[], None]:
+    """One training step of a grid cell on a fixed batch; a fresh model, optimiser and compile
+    cache each time.
 
     `host_sync` reads the loss on the host every step: the CPU then cannot queue the next step
     while the GPU works (what train_epoch avoids by reading its per-step flags one step late).
@@ -88,21 +90,87 @@ def throughput(
         if host_sync:
             loss.item()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    return step
+
+
+def timed(device: torch.device, step: Callable[[], None], steps: int) -> float:
+    """Seconds for `steps` steps, from an idle device to an idle device."""
     sync(device)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(device)
-    warm = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
     sync(device)
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def throughput(
+    device: torch.device,
+    batch: int,
+    size: int,
+    compiled: bool,
+    bf16: bool,
+    channels_last: bool,
+    warmup: int,
+    steps: int,
+    backend: str,
+    host_sync: bool = False,
+) -> dict[str, Any]:
+    """Training images/s of one grid cell, after `warmup` steps (compilation, autotuning)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step = training_step(device, batch, size, compiled, bf16, channels_last, backend, host_sync)
+    warm = timed(device, step, warmup)
+    seconds = timed(device, step, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"images_per_s": batch * steps / seconds, "warmup_s": warm, "steps": steps, "peak_gib": peak}
+
+
+def profile(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Where a step of the Trainer's eager fast path (bf16 autocast, channels_last) goes, per
+    batch size: wall time per step unprofiled, the time the device is busy per step (far below
+    the wall time: the step waits on kernel launches, which torch.compile or CUDA graphs cut),
+    and the operations (kernels, on a GPU) taking most of it. torch's own table of the largest
+    batch goes to `profile_table` (and <out>_profile.txt)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    kind = DeviceType.CUDA if on_gpu else DeviceType.CPU
+    attribute = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    rows, table = [], ""
+    for batch in args.batches:
+        step = training_step(device, batch, args.size, False, True, True, args.backend)
+        timed(device, step, args.warmup)
+        wall_ms = timed(device, step, args.profile_steps) / args.profile_steps * 1e3
+        with torch_profile(activities=activities) as prof:
+            timed(device, step, args.profile_steps)
+        events = prof.key_averages()
+        busy = [e for e in events if e.device_type == kind]
+        busy_ms = sum(getattr(e, attribute) for e in busy) / args.profile_steps / 1e3
+        top = sorted(busy, key=lambda e: getattr(e, attribute), reverse=True)[: args.profile_rows]
+        row = {
+            "batch": batch,
+            "wall_ms_per_step": wall_ms,
+            "busy_ms_per_step": busy_ms,
+            "busy_fraction": busy_ms / wall_ms,
+            "top": [
+                {
+                    "name": e.key[:120],
+                    "calls_per_step": e.count / args.profile_steps,
+                    "ms_per_step": getattr(e, attribute) / args.profile_steps / 1e3,
+                }
+                for e in top
+            ],
+        }
+        print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+        rows.append(row)
+        table = events.table(sort_by=attribute, row_limit=40)
+        del step
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return {"steps": args.profile_steps, "rows": rows, "profile_table": table}
 
 
 def compile_problem(device: torch.device, backend: str) -> str | None:
@@ -346,6 +414,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--backend", default=None, help="torch.compile backend (default: inductor; eager with --dry-run)"
     )
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-step profile after the grid")
+    parser.add_argument("--profile-steps", type=int, default=20, help="steps profiled per batch size")
+    parser.add_argument("--profile-rows", type=int, default=15, help="top operations kept per batch size")
     parser.add_argument("--skip-grid", action="store_true")
     parser.add_argument("--skip-recipe", action="store_true")
     parser.add_argument("--n", type=int, default=REAL_N, help="synthetic images for the recipe")
@@ -365,6 +436,7 @@ def parse_args() -> argparse.Namespace:
         args.backend = args.backend or "inductor"
     if args.dry_run:  # every code path, at toy sizes, on the CPU
         args.batches, args.size, args.images, args.min_steps, args.warmup = [4], 32, 8, 2, 1
+        args.profile_steps = 2
         args.compile_layouts = ["nchw", "channels_last"]
         args.compile_dtypes = ["fp32", "bf16"]
         args.backend = args.backend or "eager"  # dynamo tracing without a C++ build: seconds, not minutes
@@ -403,6 +475,10 @@ def main() -> None:
                 grid(args, device, result)
                 result["data_path"] = data_path(args, device)
                 save(result, args)
+                if not args.no_profile:
+                    result["profile"] = profile(args, device)
+                    path = save(result, args)
+                    path.with_name(f"{path.stem}_profile.txt").write_text(result["profile"]["profile_table"])
             if not args.skip_recipe:
                 try:
                     result["recipe"] = recipe(args, workdir, logs, generator, raw)
@@ -446,6 +522,24 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         if best and not args.dry_run:
             met = "met" if best["images_per_s"] >= 50_000 else "NOT met"
             print(f"best: {best['images_per_s']:,.0f} img/s ({met}: target ≥ 50,000 on an H100/H200)")
+    prof = result.get("profile")
+    if prof:
+        rows = [
+            [
+                r["batch"],
+                f"{r['wall_ms_per_step']:.3f}",
+                f"{r['busy_ms_per_step']:.3f}",
+                f"{r['busy_fraction']:.0%}",
+                r["batch"] / r["wall_ms_per_step"] * 1e3,
+                "; ".join(f"{t['name'][:40]} {t['ms_per_step']:.3f}" for t in r["top"][:3]),
+            ]
+            for r in prof["rows"]
+        ]
+        headers = ["batch", "wall ms/step", "busy ms/step", "busy", "img/s", "top 3 (ms/step)"]
+        print(
+            "\neager bf16 channels_last, profiled: device busy time per step against wall time\n"
+            + common.markdown_table(headers, rows)
+        )
     parts = result.get("data_path", [])
     if parts:
         rows = [[p["batch"], p["part"], f"{p['ms_per_batch']:.3f}", p["images_per_s"]] for p in parts]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,16 @@ from .errors import UserError
 
 
 def save(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash leaves the previous file."""
+    """Write to a temporary file beside `path`, then rename: a crash leaves the previous file.
+
+    Serialised in memory first, then written by Python: a full disk is then an OSError (ENOSPC),
+    which the Trainer reports on every rank. torch.save's zip writer raises a bare RuntimeError
+    ("unexpected pos ...") over it, whether given a path or a file.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from .metrics import accuracy, balanced_accuracy, per_class
 from .model import GalaxyCNN
 from .plots import plot_confusion
 from .progress import track
-from .tracking import write_per_class
+from .tracking import Guard, write_per_class
 
 CHECKPOINT_KEYS = ("model", "config", "class_names", "mean", "std", "image_size")
 
@@ -254,11 +254,13 @@ def evaluate(
     }
     folder = Path(out) if out else meta.run_dir / f"eval_{split}"
     folder.mkdir(parents=True, exist_ok=True)
+    pictures = Guard("drawing the confusion PNG", "the numbers and tables are written regardless")
     for name, result in results.items():
         suffix = "" if name == "plain" else f"_{name}"
         write_per_class(folder, f"per_class{suffix}", np.asarray(result["confusion"]), meta.class_names)
         title = f"{split.capitalize()}{' (TTA, 8 symmetries)' if name == 'tta' else ''}"
-        plot_confusion(
+        pictures.run(
+            plot_confusion,
             np.asarray(result["confusion"]),
             meta.class_names,
             folder / f"confusion_{split}{suffix}.png",

@@ -98,11 +98,14 @@ class RunFolder:
 
 
 class Guard:
-    """Runs reporting steps that must never stop training: the first failure prints one warning
-    naming `what`, and every later step of this guard is skipped."""
+    """Runs reporting steps that must never stop the work (training, an evaluation): the first
+    failure prints one warning naming `what` and what goes on regardless, and every later step of
+    this guard is skipped."""
 
-    def __init__(self, what: str) -> None:
-        self.what = what
+    def __init__(
+        self, what: str, regardless: str = "training continues, the run folder has everything else"
+    ) -> None:
+        self.what, self.regardless = what, regardless
         self.failed = False
 
     def run(self, step: Callable[..., object], *args: Any) -> None:
@@ -113,7 +116,7 @@ class Guard:
         except Exception as err:  # any failure of a reporter: training matters more
             self.failed = True
             detail = f"{type(err).__name__}: {err}".strip().splitlines()[0]
-            warn(f"{self.what} failed ({detail}); training continues, the run folder has everything else")
+            warn(f"{self.what} failed ({detail}); {self.regardless}")
 
 
 def wandb_has_credentials() -> bool:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from .progress import is_terminal
 from .tracking import RunFolder, Tracker
 
 EXIT_NONFINITE = 3
-EXIT_CANNOT_SAVE = 74  # EX_IOERR: rank 0 could not write a checkpoint; the previous ones are kept
+EXIT_CANNOT_WRITE = 74  # EX_IOERR: rank 0 could not write to the run folder; the checkpoints are kept
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; run again to resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -60,8 +61,8 @@ class NonFiniteLoss(Exception):
     pass
 
 
-class CannotSave(Exception):
-    """Rank 0 could not write a checkpoint (disk full, permissions): every rank stops together."""
+class CannotWrite(Exception):
+    """Rank 0 could not write to the run folder (disk full, permissions): every rank stops together."""
 
 
 _stop_requested = False
@@ -261,25 +262,24 @@ class Trainer:
                 improved_overall = score > pos.best_val
                 stopper.update(score)
                 pos.best_val = max(pos.best_val, score)
-                if self.tracker:
-                    record = {
-                        "stage": stage.name,
-                        "stage_index": pos.stage,
-                        "epoch": pos.epoch,
-                        "train_loss": train_loss,
-                        "train_acc": train_acc,
-                        "val_loss": val.loss,
-                        "val_acc": val.accuracy,
-                        "lr": stage.lr,
-                        "seconds": seconds,
-                        "images_per_second": images / seconds,
-                    }
-                    self.tracker.log_epoch(record, val.confusion)
-                    self.log(
-                        f"[{stage.name} {pos.epoch + 1}/{stage.max_epochs}] train loss {train_loss:.4f} "
-                        f"acc {train_acc:.4f} | val loss {val.loss:.4f} acc {val.accuracy:.4f} | "
-                        f"{images / seconds:.0f} img/s{' *' if improved_overall else ''}"
-                    )
+                record = {
+                    "stage": stage.name,
+                    "stage_index": pos.stage,
+                    "epoch": pos.epoch,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "val_loss": val.loss,
+                    "val_acc": val.accuracy,
+                    "lr": stage.lr,
+                    "seconds": seconds,
+                    "images_per_second": images / seconds,
+                }
+                self.report_epoch(record, val.confusion)
+                self.log(
+                    f"[{stage.name} {pos.epoch + 1}/{stage.max_epochs}] train loss {train_loss:.4f} "
+                    f"acc {train_acc:.4f} | val loss {val.loss:.4f} acc {val.accuracy:.4f} | "
+                    f"{images / seconds:.0f} img/s{' *' if improved_overall else ''}"
+                )
                 pos.epoch, pos.step, pos.seconds, pos.train_sums = pos.epoch + 1, 0, 0.0, [0.0] * 4
                 pos.stopper = {"best": stopper.best, "bad_epochs": stopper.bad_epochs}
                 if improved_overall:
@@ -405,19 +405,27 @@ class Trainer:
         return x, labels.to(device, non_blocking=True)
 
     # --- checkpoints, resume and the end of the run -----------------------------------------
-    def save(self, name: str, pos: Position, val: Evaluation | None = None) -> None:
-        """Rank 0 writes; every rank calls this at the same point and learns whether it worked,
-        so a failed write stops them all with its reason instead of crashing rank 0 alone."""
-        error = None
+    def on_main(self, target: Path | str, write: Callable[[], Any]) -> Any:
+        """Rank 0 writes `target` (returns what `write` does there); every rank calls this at the
+        same point and learns whether it worked, so a failed write (disk full, permissions) stops
+        them all with its reason instead of crashing rank 0 alone."""
+        error, result = None, None
         if self.ctx.is_main:
-            path = self.run.checkpoints / name
             try:
-                checkpoint.save(self.checkpoint_state(name, pos, val), path)
+                result = write()
             except OSError as err:
-                error = f"cannot write {path} ({err.strerror or err})"
+                error = f"cannot write {target} ({err.strerror or err})"
         error = distributed.broadcast_object(error)
         if error:
-            raise CannotSave(error)
+            raise CannotWrite(error)
+        return result
+
+    def report_epoch(self, record: dict[str, Any], val_confusion: np.ndarray) -> None:
+        self.on_main(self.run.metrics_path, lambda: self.tracker.log_epoch(record, val_confusion))
+
+    def save(self, name: str, pos: Position, val: Evaluation | None = None) -> None:
+        path = self.run.checkpoints / name
+        self.on_main(path, lambda: checkpoint.save(self.checkpoint_state(name, pos, val), path))
 
     def checkpoint_state(self, name: str, pos: Position, val: Evaluation | None) -> dict[str, Any]:
         state = {
@@ -447,8 +455,8 @@ class Trainer:
         if "optimizer" in state and pos.stage < len(self.cfg.stages):
             self.optimizer = self.new_optimizer(self.cfg.stages[pos.stage].lr)
             checkpoint.load_optimizer_state(self.optimizer, state["optimizer"])
+        self.on_main(self.run.metrics_path, lambda: self.tracker.resume_at(pos.stage, pos.epoch))
         if self.tracker:
-            self.tracker.resume_at(pos.stage, pos.epoch)
             self.log(f"resuming from {path} at stage {pos.stage} epoch {pos.epoch} step {pos.step}")
         return pos
 
@@ -468,8 +476,9 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "test_confusion": test.confusion.tolist(),
         }
+        report = f"the final report in {self.run.root}"
+        table = self.on_main(report, lambda: self.tracker.finish(summary, val.confusion, test.confusion))
         if self.tracker:
-            table = self.tracker.finish(summary, val.confusion, test.confusion)
             self.log(f"\nTest split, best weights (val acc {val.accuracy:.4f}):\n{table}")
             self.log(f"test accuracy {test.accuracy:.4f} — run folder {self.run.root}")
         return summary
@@ -500,9 +509,12 @@ def checkpoint_bytes(cfg: Config, num_classes: int) -> int:
     return 4 * params * (3 + 1 + 3) + 2**20
 
 
-def prepare_run_folder(cfg: Config, ctx: distributed.Context, info: PreparedInfo) -> None:
-    """Rank 0 creates the run folder, checks there is room for the checkpoints and saves the
-    resolved config, before any training; every rank learns if that failed."""
+def prepare_run_folder(
+    cfg: Config, ctx: distributed.Context, info: PreparedInfo, resume_path: Path | None
+) -> None:
+    """Rank 0 creates the run folder, checks there is room for the checkpoints, saves the
+    resolved config and adopts the best weights of a run resumed from elsewhere, before any
+    training; every rank learns if that failed."""
     error = None
     if ctx.is_main:
         run = RunFolder(cfg.output_dir)
@@ -513,6 +525,8 @@ def prepare_run_folder(cfg: Config, ctx: distributed.Context, info: PreparedInfo
                 error = f"{cfg.output_dir}: only {free / 2**20:.1f} MB free, checkpoints need {needed / 2**20:.1f} MB"
             else:
                 run.write_text("config.yaml", dump_config(cfg))
+                if resume_path:
+                    adopt_best_weights(resume_path, run)
         except OSError as err:
             error = f"{cfg.output_dir}: cannot write the run folder ({err.strerror})"
     error = distributed.broadcast_object(error)
@@ -552,9 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank reads the same files, so a bad input fails on all of them alike, before any write.
         info = check_data(cfg, ctx)
         resume = load_resume_state(cfg, info, args.resume)
-        prepare_run_folder(cfg, ctx, info)
-        if resume and ctx.is_main:
-            adopt_best_weights(resume[0], RunFolder(cfg.output_dir))
+        prepare_run_folder(cfg, ctx, info, resume[0] if resume else None)
         Trainer(cfg, ctx, info).fit(resume)
         together = True
         return 0
@@ -566,10 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         together = True
         print(f"rank {ctx.rank}: {err}; stopping (last good checkpoint kept)", file=sys.stderr)
         return EXIT_NONFINITE
-    except CannotSave as err:
+    except CannotWrite as err:
         together = True
         print(f"rank {ctx.rank}: rank 0 {err}; stopping (the previous checkpoints are kept)", file=sys.stderr)
-        return EXIT_CANNOT_SAVE
+        return EXIT_CANNOT_WRITE
     except UserError:
         together = True  # bad input is seen alike by every rank
         raise

@@ -148,7 +148,7 @@ def sbatch_parameters(args: argparse.Namespace) -> dict[str, Any]:
             f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
             "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
         ],
-        # One task is one rank: when a rank dies (say rank 0 cannot write a checkpoint), SLURM ends
+        # One task is one rank: when a rank dies (a crash, an out-of-memory kill), SLURM ends
         # the others at once instead of leaving them in a collective until distributed.timeout_s
         # (NCCL does not notice a dead peer by itself).
         "srun_args": ["--kill-on-bad-exit=1"],

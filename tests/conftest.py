@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,24 @@ def tiny_prepared(tmp_path_factory, raw_small) -> Path:
     path = tmp_path_factory.mktemp("prepared") / "tiny.h5"
     prepare(str(raw_small), str(path), crop=32, seed=0)
     return path
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.2)
+
+
+def wait_for_epochs(run: Path, count: int, timeout: float = 240) -> None:
+    """Until `run`'s metrics.jsonl has `count` epochs."""
+    metrics = run / "metrics.jsonl"
+    wait_for(
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= count,
+        timeout,
+        f"{count} epochs",
+    )
 
 
 def free_port() -> int:

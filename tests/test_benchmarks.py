@@ -27,6 +27,10 @@ def test_gpu_benchmark_dry_run_fills_every_section(tmp_path):
         for layout in ("nchw", "channels_last")
     }
     assert len(report["data_path"]) == 3
+    (profiled,) = report["profile"]["rows"]
+    assert profiled["batch"] == 4 and 0 < profiled["busy_ms_per_step"]
+    assert any("conv" in op["name"] for op in profiled["top"]), profiled["top"]
+    assert "Self CPU" in (tmp_path / "gpu_profile.txt").read_text()  # torch's own table
     (run,) = report["recipe"]["runs"]
     assert run["epochs"] == 2 and 0 <= run["test_accuracy"] <= 1
     logs = tmp_path / "gpu_logs"

@@ -65,6 +65,29 @@ def test_evaluate_a_checkpoint_file_on_val_writes_beside_its_run(trained_run, tm
     assert report["plain"]["accuracy"] == trained["val_accuracy"]
 
 
+def test_evaluate_without_matplotlib_writes_the_numbers_and_warns_once(trained_run, tmp_path):
+    """matplotlib missing or broken (a minimal GPU image): the report is complete but for the PNGs,
+    one warning says so, and the command succeeds. It used to fail after all the work was done."""
+    out = tmp_path / "eval"
+    script = (
+        "import sys; sys.modules['matplotlib'] = None\n"  # any import of it now fails
+        "from galaxydist.evaluate import cli; cli()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(trained_run.run), "--tta", "--out", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (warning,) = result.stderr.strip().splitlines()
+    assert warning.startswith("warning: drawing the confusion PNG failed (ModuleNotFoundError")
+    trained = json.loads((trained_run.run / "summary.json").read_text())
+    assert json.loads((out / "summary.json").read_text())["plain"]["confusion"] == trained["test_confusion"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [
+        "per_class.csv", "per_class.md", "per_class_tta.csv", "per_class_tta.md", "summary.json", "tta.md",
+    ]  # fmt: skip
+
+
 def test_tta_is_invariant_under_the_symmetries_of_the_square(trained_run, tiny_prepared):
     model, meta = load_model(trained_run.run)
     images = SplitImages(read_prepared(tiny_prepared), "test")[0:16]

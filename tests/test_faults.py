@@ -16,16 +16,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import read_metrics, reference_overrides, run_train, tiny_overrides
-from test_train import (
-    HELPERS,
-    assert_same_run,
-    start_torchrun,
-    torchrun_script,
-    wait_for,
-    wait_for_epochs,
-    workers_of,
-)
+from conftest import read_metrics, reference_overrides, run_train, tiny_overrides, wait_for, wait_for_epochs
+from test_train import HELPERS, assert_same_run, start_torchrun, torchrun_script, workers_of
 
 from galaxydist import checkpoint
 from galaxydist.errors import UserError
@@ -70,17 +62,17 @@ def test_exception_on_one_rank_ends_every_rank_within_the_collective_timeout(tin
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
     script = f"""
-import os, signal, torch
+import os, pathlib, signal, torch
 from galaxydist import checkpoint
 checkpoint.save({{"step": 1, "w": torch.ones(3)}}, {str(path)!r})
 
-def dies_halfway(obj, f):
-    with open(f, "wb") as out:
-        out.write(b"PK\\x03\\x04 half a zip")
+def dies_halfway(self, data):
+    with open(self, "wb") as out:
+        out.write(bytes(data)[: len(data) // 2])
         out.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-torch.save = dies_halfway
+pathlib.Path.write_bytes = dies_halfway
 checkpoint.save({{"step": 2, "w": torch.zeros(3)}}, {str(path)!r})
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -91,21 +83,59 @@ checkpoint.save({{"step": 2, "w": torch.zeros(3)}}, {str(path)!r})
     assert len(partial) == 1 and partial[0].name.startswith(".last.pt.")  # never named like a checkpoint
 
 
-def test_failed_checkpoint_write_stops_every_rank_with_its_reason(tiny_prepared, tmp_path):
-    """Rank 0 cannot write best.pt after the first epoch (here: a directory stands in its way; a
-    full disk or lost permissions alike): both ranks stop on it with the reason rather than a
-    traceback, exit 74, and no temporary file is left behind."""
+def test_checkpoint_write_on_a_full_disk_is_an_os_error_and_keeps_the_previous_file(tmp_path):
+    """A write the kernel refuses (here RLIMIT_FSIZE's EFBIG, which fails a write as ENOSPC does)
+    must reach the Trainer as an OSError, the error it stops every rank on; torch.save(state, path)
+    raised a bare RuntimeError from its C++ writer instead."""
+    path = tmp_path / "last.pt"
+    script = f"""
+import errno, resource, signal, torch
+from galaxydist import checkpoint
+checkpoint.save({{"w": torch.ones(3)}}, {str(path)!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+try:
+    checkpoint.save({{"w": torch.zeros(2**20)}}, {str(path)!r})  # 4 MiB
+except OSError as err:
+    print(errno.errorcode[err.errno])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["EFBIG"]
+    assert torch.equal(checkpoint.load(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize(
+    "blocked, epochs, checkpoints",
+    [
+        ("checkpoints/best.pt", [0], ["best.pt"]),  # a checkpoint, after the first epoch
+        ("metrics.jsonl", None, []),  # the first epoch's record
+        ("summary.json", [0, 1], ["best.pt", "last.pt"]),  # the final report, after training
+    ],
+    ids=["checkpoint", "metrics", "final-report"],
+)
+def test_failed_run_folder_write_stops_every_rank_with_its_reason(
+    tiny_prepared, tmp_path, blocked, epochs, checkpoints
+):
+    """Rank 0 cannot write to the run folder (here: a directory stands in its way; a full disk
+    or lost permissions alike): both ranks stop on it with the reason rather than a traceback,
+    exit 74, and no temporary file is left behind."""
     run = tmp_path / "run"
-    (run / "checkpoints" / "best.pt").mkdir(parents=True)
+    (run / blocked).mkdir(parents=True)
+    (run / "checkpoints").mkdir(exist_ok=True)
     result = run_train(2, tiny_overrides(tiny_prepared, run))
     assert result.returncode != 0
     # The first rank out exits 74; torchrun may then stop the other before its own exit.
     assert "exitcode  : 74" in result.stderr, result.stderr[-3000:]
+    target = f"the final report in {run}" if blocked == "summary.json" else run / blocked
     for rank in (0, 1):
-        assert f"rank {rank}: rank 0 cannot write {run / 'checkpoints' / 'best.pt'}" in result.stderr
+        assert f"rank {rank}: rank 0 cannot write {target} (" in result.stderr
     assert "IsADirectoryError" not in result.stderr  # a reason, not a rank's traceback
-    assert [r["epoch"] for r in read_metrics(run)] == [0]  # it trained, then stopped at the save
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["best.pt"]
+    if epochs is not None:
+        assert [r["epoch"] for r in read_metrics(run)] == epochs  # it trained, then stopped there
+    assert list(run.rglob("*.tmp")) == []
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

@@ -11,13 +11,11 @@ import os
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_train, tiny_overrides, without_timing
+from conftest import ROOT, read_metrics, run_train, tiny_overrides, wait_for, wait_for_epochs, without_timing
 
 from galaxydist import checkpoint
 
@@ -64,14 +62,6 @@ def job_id(stdout: str) -> str:
     return match.group(1)
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = JOB_TIMEOUT_S) -> None:
-    """Poll `condition` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, tiny_prepared) -> Path:
     """The same recipe with torchrun on this machine: the reference every SLURM run must match."""
@@ -111,10 +101,9 @@ def test_preempted_job_requeues_and_resumes(tmp_path, tiny_prepared, slurm_run):
     proc = submit(*CPU_JOB, "--max-requeues", "2", "--config", str(CONFIG), *overrides(tiny_prepared, out))
     assert proc.returncode == 0, proc.stderr
     job = submitit.SlurmJob(folder=out / "slurm", job_id=job_id(proc.stdout), tasks=(0, 1))
-    metrics = out / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "the first epoch")
+    wait_for_epochs(out, 1, JOB_TIMEOUT_S)
     job._interrupt()  # what a preemption sends: SIGTERM, then submitit's USR2
-    wait_until(job.done, "the requeued job to finish")
+    wait_for(job.done, JOB_TIMEOUT_S, "the requeued job to finish")
     assert job.results() == [0, 0]
 
     log = job.paths.stdout.read_text()
@@ -154,7 +143,7 @@ def sbatch(tmp_path: Path, out: Path, data: Path) -> str:
 def wait_for_the_end(jid: str, tmp_path: Path) -> str:
     """The job's log once accounting says it ended (sbatch --wait polls too slowly)."""
     ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    wait_until(lambda: sacct_state(jid) in ended, f"sbatch job {jid}")
+    wait_for(lambda: sacct_state(jid) in ended, JOB_TIMEOUT_S, f"sbatch job {jid}")
     return (tmp_path / f"sbatch-{jid}.out").read_text()
 
 
@@ -171,8 +160,7 @@ def test_plain_sbatch_script_completes(tmp_path, tiny_prepared, local_run):
 def test_plain_sbatch_script_requeues_itself_on_the_time_limit_warning(tmp_path, tiny_prepared, local_run):
     out = tmp_path / "run"
     jid = sbatch(tmp_path, out, tiny_prepared)
-    metrics = out / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, "the first epoch")
+    wait_for_epochs(out, 1, JOB_TIMEOUT_S)
     # What `#SBATCH --signal=B:USR2@90` sends 90 s before the time limit: USR2 to the batch script.
     subprocess.run(["scancel", "--batch", "--signal=USR2", jid], check=True, timeout=30)
     log = wait_for_the_end(jid, tmp_path)

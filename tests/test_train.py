@@ -21,6 +21,7 @@ from conftest import (
     reference_overrides,
     run_train,
     tiny_overrides,
+    wait_for_epochs,
     without_timing,
 )
 
@@ -175,14 +176,6 @@ def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
     ]
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def start_torchrun(args: list[str], *torchrun_flags: str) -> subprocess.Popen:
     """torchrun with the c10d rendezvous, as a restartable (elastic) job is launched."""
     cmd = [
@@ -191,13 +184,6 @@ def start_torchrun(args: list[str], *torchrun_flags: str) -> subprocess.Popen:
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_epochs(run: Path, count: int) -> None:
-    metrics = run / "metrics.jsonl"
-    wait_for(
-        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= count, 240, f"{count} epochs"
-    )
 
 
 def assert_same_run(reference: Path, run: Path) -> None:
