@@ -13,8 +13,9 @@ come from the label strings (sorted) or are `class_<label>` for integer labels. 
 "a:b,c:d"` rewrites CSV labels before anything else (merging classes); classes a merge empties are
 dropped and the rest renumbered 0..K-1 in order, so the labels are always contiguous.
 
-Images are decoded in worker processes a slab at a time, centre-cropped there and resized in the
-main process with `centre_square` (the Galaxy10 path's resize, so both sources give the same pixels).
+Images are decoded in worker processes (`pool.in_order`, as the Galaxy10 path's), a few dozen per
+task, centre-cropped there and resized in the main process with `centre_square` (the Galaxy10
+path's resize, so both sources give the same pixels).
 The crops go to an unlinked scratch file first: only once every image is known good (or skipped
 with --skip-bad) are the splits drawn and DST written, atomically.
 """
@@ -24,10 +25,8 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 
 import h5py
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
+from .pool import in_order
 from .prepare import SLAB_BYTES, centre_square, validate_labels, write_prepared
 from .progress import track
 
@@ -269,21 +269,9 @@ def slab_images(crop: int) -> int:
     return max(1, min(MAX_SLAB_IMAGES, SLAB_BYTES // (crop * crop * 3)))
 
 
-def decoded_slabs(
-    paths: Sequence[str], crop: int, workers: int
-) -> Iterator[tuple[int, list[np.ndarray | str]]]:
-    """(first row, decoded crops) slab by slab, in order; the next slab decodes while this one is used."""
-    step = slab_images(crop)
-    chunk = max(1, step // (4 * workers))
-    with ProcessPoolExecutor(workers) as pool:
-        ahead = None
-        for start in range(0, len(paths), step):
-            submitted = start, pool.map(decode, paths[start : start + step], repeat(crop), chunksize=chunk)
-            if ahead is not None:
-                yield ahead[0], list(ahead[1])
-            ahead = submitted
-        if ahead is not None:
-            yield ahead[0], list(ahead[1])
+def decode_all(paths: Sequence[str], crop: int) -> list[np.ndarray | str]:
+    """Several images per worker task: fewer, larger messages than one task per image."""
+    return [decode(path, crop) for path in paths]
 
 
 def decode_into(
@@ -298,8 +286,11 @@ def decode_into(
     """Fill `out` (N×S×S×3) with the resized crops; returns every bad row → problem (with `skip`)."""
     bad = dict(skip)
     todo = [row for row in range(len(paths)) if row not in skip]
-    slabs = decoded_slabs([paths[r] for r in todo], crop, workers)
-    for start, results in track(slabs, -(-len(todo) // slab_images(crop)), f"decode {what}"):
+    chunk = max(1, slab_images(crop) // (4 * workers))  # at most 2 per worker in flight
+    starts = range(0, len(todo), chunk)
+    jobs = (([paths[r] for r in todo[start : start + chunk]], crop) for start in starts)
+    decoded = in_order(decode_all, jobs, max(1, min(workers, len(starts))))
+    for start, results in zip(starts, track(decoded, len(starts), f"decode {what}"), strict=True):
         rows = todo[start : start + len(results)]
         good = [(row, px) for row, px in zip(rows, results, strict=True) if not isinstance(px, str)]
         bad.update((row, px) for row, px in zip(rows, results, strict=True) if isinstance(px, str))

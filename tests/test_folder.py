@@ -69,7 +69,8 @@ def prepared(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
 
 
 def test_png_folder_centre_crop_exact_in_row_order(images, tmp_path, capsys, monkeypatch):
-    """Several slabs (5 images each) through 2 workers: every row is its own image's centre."""
+    """Many small tasks (slabs of 5 images: one image per task) through 2 workers: every row is
+    its own image's centre, in order."""
     monkeypatch.setattr(folder, "MAX_SLAB_IMAGES", 5)
     folder_dir, csv_path, pixels, labels = images
     dst = tmp_path / "out.h5"
