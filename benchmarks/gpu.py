@@ -476,9 +476,15 @@ def main() -> None:
                 result["data_path"] = data_path(args, device)
                 save(result, args)
                 if not args.no_profile:
-                    result["profile"] = profile(args, device)
+                    try:
+                        result["profile"] = profile(args, device)
+                    except Exception as err:  # a profiler problem must not cost the recipe
+                        result["profile_error"] = f"{type(err).__name__}: {err}"[:300]
+                        print(f"profile failed: {result['profile_error']}", file=sys.stderr)
                     path = save(result, args)
-                    path.with_name(f"{path.stem}_profile.txt").write_text(result["profile"]["profile_table"])
+                    if "profile" in result:
+                        table = result["profile"]["profile_table"]
+                        path.with_name(f"{path.stem}_profile.txt").write_text(table)
             if not args.skip_recipe:
                 try:
                     result["recipe"] = recipe(args, workdir, logs, generator, raw)

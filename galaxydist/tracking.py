@@ -75,7 +75,10 @@ class RunFolder:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        # Whole lines only: text after the last newline is an append cut short (a kill, a full
+        # disk); the next run's keep_metrics drops it.
+        complete = self.metrics_path.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def keep_metrics(self, before: tuple[int, int]) -> None:
         """Drop lines at or after (stage_index, epoch): a resumed run writes them again."""
@@ -113,7 +116,7 @@ class Guard:
             return
         try:
             step(*args)
-        except Exception as err:  # any failure of a reporter: training matters more
+        except Exception as err:  # any failure of a reporter: the work matters more
             self.failed = True
             detail = f"{type(err).__name__}: {err}".strip().splitlines()[0]
             warn(f"{self.what} failed ({detail}); {self.regardless}")

@@ -409,13 +409,15 @@ class Trainer:
         """Rank 0 writes `target` (returns what `write` does there); every rank calls this at the
         same point and learns whether it worked, so a failed write (disk full, permissions) stops
         them all with its reason instead of crashing rank 0 alone."""
-        error, result = None, None
+        error, failure, result = None, None, None
         if self.ctx.is_main:
             try:
                 result = write()
-            except OSError as err:
-                error = f"cannot write {target} ({err.strerror or err})"
+            except Exception as err:  # whatever it is, the other ranks must hear of it, not wait
+                failure, error = err, f"cannot write {target} ({describe_write_error(err, target)})"
         error = distributed.broadcast_object(error)
+        if failure is not None and not isinstance(failure, OSError):
+            raise failure  # not the disk but a bug: its traceback on rank 0
         if error:
             raise CannotWrite(error)
         return result
@@ -447,17 +449,18 @@ class Trainer:
 
     def restore(self, resume: tuple[Path, dict] | None) -> Position:
         """Weights, optimiser and position from a checked checkpoint (see load_resume_state)."""
-        if resume is None:
-            return Position()
-        path, state = resume
-        self.model.load_state_dict(state["model"])
-        pos = Position(**state["position"])
-        if "optimizer" in state and pos.stage < len(self.cfg.stages):
-            self.optimizer = self.new_optimizer(self.cfg.stages[pos.stage].lr)
-            checkpoint.load_optimizer_state(self.optimizer, state["optimizer"])
-        self.on_main(self.run.metrics_path, lambda: self.tracker.resume_at(pos.stage, pos.epoch))
-        if self.tracker:
+        pos = Position()
+        if resume is not None:
+            path, state = resume
+            self.model.load_state_dict(state["model"])
+            pos = Position(**state["position"])
+            if "optimizer" in state and pos.stage < len(self.cfg.stages):
+                self.optimizer = self.new_optimizer(self.cfg.stages[pos.stage].lr)
+                checkpoint.load_optimizer_state(self.optimizer, state["optimizer"])
             self.log(f"resuming from {path} at stage {pos.stage} epoch {pos.epoch} step {pos.step}")
+        # Epochs at or after this position are (re)logged by this run; a fresh run keeps none of
+        # an attempt that stopped before its first last.pt.
+        self.on_main(self.run.metrics_path, lambda: self.tracker.resume_at(pos.stage, pos.epoch))
         return pos
 
     def finish(self) -> dict[str, Any]:
@@ -501,6 +504,15 @@ class Trainer:
             for batch in loader:
                 yield batch
                 bar.advance(task)
+
+
+def describe_write_error(err: Exception, target: Path | str) -> str:
+    """The reason (say, No space left on device), with the file when it is not the target itself."""
+    if not isinstance(err, OSError):
+        return f"{type(err).__name__}: {err}"
+    name = err.filename2 or err.filename
+    reason = err.strerror or str(err)
+    return f"{reason}: {name}" if name and str(name) != str(target) else reason
 
 
 def checkpoint_bytes(cfg: Config, num_classes: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -22,6 +23,7 @@ from test_train import HELPERS, assert_same_run, start_torchrun, torchrun_script
 from galaxydist import checkpoint
 from galaxydist.errors import UserError
 from galaxydist.prepare import write_prepared
+from galaxydist.tracking import RunFolder
 
 
 def test_kill_9_of_one_worker_restarts_and_ends_like_an_undisturbed_run(
@@ -136,6 +138,37 @@ def test_failed_run_folder_write_stops_every_rank_with_its_reason(
         assert [r["epoch"] for r in read_metrics(run)] == epochs  # it trained, then stopped there
     assert list(run.rglob("*.tmp")) == []
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+
+
+def test_an_append_cut_short_is_not_a_record_and_goes_at_the_next_start(tmp_path):
+    """A full disk or a kill mid-append leaves part of a metrics line: readers skip it, and the
+    trimming every start does (keep_metrics) removes it."""
+    run = RunFolder(tmp_path)
+    records = [{"stage": "train", "stage_index": 0, "epoch": e, "val_acc": 0.5 + e} for e in range(2)]
+    for record in records:
+        run.append_metrics(record)
+    with run.metrics_path.open("a") as f:
+        f.write('{"stage": "train", "stage_in')
+    assert run.read_metrics() == records
+    run.keep_metrics(before=(0, 1))
+    assert run.metrics_path.read_text() == json.dumps(records[0]) + "\n"
+
+
+def test_fresh_run_logs_only_its_own_epochs_after_an_attempt_died_before_its_first_checkpoint(
+    tiny_prepared, tmp_path
+):
+    """The folder of an attempt that stopped in its first epochs (no last.pt): a line of its own
+    and an append cut short. The new run starts over and its record is its own alone."""
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = {"stage": "train", "stage_index": 0, "epoch": 0, "train_loss": 123.0, "train_acc": 0.0,
+             "val_loss": 123.0, "val_acc": 0.0, "lr": 0.003, "seconds": 1.0, "images_per_second": 1.0}  # fmt: skip
+    (run / "metrics.jsonl").write_text(json.dumps(stale) + "\n" + '{"stage": "tra')
+    result = run_train(0, tiny_overrides(tiny_prepared, run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [0, 1] and 123.0 not in [r["train_loss"] for r in records]
+    assert json.loads((run / "summary.json").read_text())["epochs_per_stage"] == {"train": 2}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

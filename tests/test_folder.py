@@ -260,7 +260,8 @@ def break_input(case: str, folder_dir: Path, csv_path: Path, tmp_path: Path) -> 
         return [], "needs an id or file column"
     if case == "crop larger than an image":
         write_image(folder_dir / "obj001.png", 10, 12, np.random.default_rng(3))
-        return [], "obj001.png: crop 16 does not fit this 12×10 image"
+        # raised in a spawned decoding worker (one image per task, see the test), reported here
+        return ["--workers", 2], "obj001.png: crop 16 does not fit this 12×10 image"
     if case == "label map syntax":
         return ["--label-map", "spiral=edge-on"], "'spiral=edge-on' is not OLD:NEW"
     if case == "label map unknown label":
@@ -280,7 +281,8 @@ BAD_CASES = [
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_input_is_one_line_exit_2_nothing_written(images, tmp_path, capsys, case):
+def test_bad_input_is_one_line_exit_2_nothing_written(images, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(folder, "MAX_SLAB_IMAGES", 5)  # small decoding tasks: several workers take part
     folder_dir, csv_path, _, _ = images
     extra, message = break_input(case, folder_dir, csv_path, tmp_path)
     dst = tmp_path / "out" / "dst.h5"
