@@ -1,4 +1,5 @@
-"""One exception type for bad user input, and the CLI wrapper that turns it into exit code 2."""
+"""One exception type for bad user input, and the CLI wrapper that turns it into exit code 2
+(and a file system's refusal into exit code 74)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import sys
 from collections.abc import Callable
 
 USAGE_ERROR = 2
+IO_ERROR = 74  # EX_IOERR: the file system refused (no space, a path through a file, permissions)
 
 
 class UserError(Exception):
     """Bad input from the user (file, config, argument): reported as one line, exit code 2."""
+
+
+def os_error_reason(err: OSError) -> str:
+    """The reason and the file ("No space left on device: /run/x.pt"), without [Errno N]."""
+    name = err.filename2 or err.filename
+    reason = err.strerror or str(err)
+    return f"{reason}: {name}" if name else reason
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -18,7 +27,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a CLI main; a UserError becomes one line on stderr and exit code 2, not a traceback.
+    """Run a CLI main; a UserError becomes one line on stderr and exit code 2, an OSError (an
+    output folder that cannot be made, a full disk) one line and exit code 74, not a traceback.
 
     SIGTERM (`kill`, the end of a batch job) exits with 143 through Python's own unwinding, so
     temporary files are removed and worker processes stopped on the way (train installs its own
@@ -30,5 +40,8 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except OSError as err:
+        print(f"error: {os_error_reason(err)}", file=sys.stderr)
+        return IO_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint
 from .allocator import keep_freed_memory
-from .atomic import atomic_path
+from .atomic import atomic_path, check_can_create
 from .augment import normalise
 from .data import GalaxyDataset, PreparedInfo, read_prepared
 from .errors import UserError, run_cli
@@ -233,6 +233,8 @@ def evaluate(
             raise UserError(f"{data}: the checkpoint's data.path is not here; pass --data PREPARED.h5")
     info = read_prepared(data)
     check_compatible(meta, info)
+    folder = Path(out) if out else meta.run_dir / f"eval_{split}"
+    check_can_create(folder / "summary.json")
     images, labels = SplitImages(info, split), info.labels[info.splits[split]]
     runs = {"plain": False, "tta": True} if tta else {"plain": False}
     results = {
@@ -252,7 +254,6 @@ def evaluate(
         )
         for name, use_tta in runs.items()
     }
-    folder = Path(out) if out else meta.run_dir / f"eval_{split}"
     folder.mkdir(parents=True, exist_ok=True)
     pictures = Guard("drawing the confusion PNG", "the numbers and tables are written regardless")
     for name, result in results.items():

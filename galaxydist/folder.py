@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from .atomic import check_can_create
 from .errors import UserError
 from .pool import in_order
 from .prepare import SLAB_BYTES, centre_square, validate_labels, write_prepared
@@ -318,6 +319,7 @@ def prepare_folder(
         raise UserError(f"{dst_path}: already exists (use --force to replace it)")
     if crop < 1:
         raise UserError(f"--crop {crop}: must be a positive size")
+    check_can_create(dst_path)
     table = read_table(labels_csv)
     classes = resolve_classes(
         table, Path(classes_file) if classes_file else None, parse_label_map(label_map) if label_map else {}

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from .allocator import keep_freed_memory
-from .atomic import atomic_path
+from .atomic import atomic_path, check_can_create
 from .errors import UserError, run_cli
 from .evaluate import load_model, predict_proba
 from .galaxy10 import IMAGES_KEY
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fit", choices=("crop", "resize"), default="crop", help="geometry (see above)")
     args = parser.parse_args(argv)
+    check_can_create(args.out)
     keys, probs, class_names = predict(args.checkpoint, args.inputs, args.tta, args.crop, args.fit)
     for (file, index), p in list(zip(keys, probs, strict=True))[:PRINTED_ROWS]:
         c = int(p.argmax())

@@ -11,6 +11,7 @@ last.pt and exits with EXIT_INTERRUPTED.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import shutil
 import signal
@@ -41,14 +42,14 @@ from .data import (
     prepared_path_hint,
     read_prepared,
 )
-from .errors import UserError, run_cli
+from .errors import IO_ERROR, UserError, os_error_reason, run_cli
 from .metrics import accuracy, balanced_accuracy, confusion_matrix, per_class
 from .model import GalaxyCNN
 from .progress import is_terminal
 from .tracking import RunFolder, Tracker
 
 EXIT_NONFINITE = 3
-EXIT_CANNOT_WRITE = 74  # EX_IOERR: rank 0 could not write to the run folder; the checkpoints are kept
+EXIT_CANNOT_WRITE = IO_ERROR  # 74: rank 0 could not write to the run folder; the checkpoints are kept
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; run again to resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -405,29 +406,12 @@ class Trainer:
         return x, labels.to(device, non_blocking=True)
 
     # --- checkpoints, resume and the end of the run -----------------------------------------
-    def on_main(self, target: Path | str, write: Callable[[], Any]) -> Any:
-        """Rank 0 writes `target` (returns what `write` does there); every rank calls this at the
-        same point and learns whether it worked, so a failed write (disk full, permissions) stops
-        them all with its reason instead of crashing rank 0 alone."""
-        error, failure, result = None, None, None
-        if self.ctx.is_main:
-            try:
-                result = write()
-            except Exception as err:  # whatever it is, the other ranks must hear of it, not wait
-                failure, error = err, f"cannot write {target} ({describe_write_error(err, target)})"
-        error = distributed.broadcast_object(error)
-        if failure is not None and not isinstance(failure, OSError):
-            raise failure  # not the disk but a bug: its traceback on rank 0
-        if error:
-            raise CannotWrite(error)
-        return result
-
     def report_epoch(self, record: dict[str, Any], val_confusion: np.ndarray) -> None:
-        self.on_main(self.run.metrics_path, lambda: self.tracker.log_epoch(record, val_confusion))
+        on_main(self.ctx, self.run.metrics_path, lambda: self.tracker.log_epoch(record, val_confusion))
 
     def save(self, name: str, pos: Position, val: Evaluation | None = None) -> None:
         path = self.run.checkpoints / name
-        self.on_main(path, lambda: checkpoint.save(self.checkpoint_state(name, pos, val), path))
+        on_main(self.ctx, path, lambda: checkpoint.save(self.checkpoint_state(name, pos, val), path))
 
     def checkpoint_state(self, name: str, pos: Position, val: Evaluation | None) -> dict[str, Any]:
         state = {
@@ -460,7 +444,7 @@ class Trainer:
             self.log(f"resuming from {path} at stage {pos.stage} epoch {pos.epoch} step {pos.step}")
         # Epochs at or after this position are (re)logged by this run; a fresh run keeps none of
         # an attempt that stopped before its first last.pt.
-        self.on_main(self.run.metrics_path, lambda: self.tracker.resume_at(pos.stage, pos.epoch))
+        on_main(self.ctx, self.run.metrics_path, lambda: self.tracker.resume_at(pos.stage, pos.epoch))
         return pos
 
     def finish(self) -> dict[str, Any]:
@@ -480,7 +464,7 @@ class Trainer:
             "test_confusion": test.confusion.tolist(),
         }
         report = f"the final report in {self.run.root}"
-        table = self.on_main(report, lambda: self.tracker.finish(summary, val.confusion, test.confusion))
+        table = on_main(self.ctx, report, lambda: self.tracker.finish(summary, val.confusion, test.confusion))
         if self.tracker:
             self.log(f"\nTest split, best weights (val acc {val.accuracy:.4f}):\n{table}")
             self.log(f"test accuracy {test.accuracy:.4f} — run folder {self.run.root}")
@@ -506,13 +490,31 @@ class Trainer:
                 bar.advance(task)
 
 
+def on_main(ctx: distributed.Context, target: Path | str, write: Callable[[], Any]) -> Any:
+    """Rank 0 writes `target` (returns what `write` does there); every rank calls this at the
+    same point and learns whether it worked, so a failed write (disk full, permissions) stops
+    them all with its reason instead of crashing rank 0 alone."""
+    error, failure, result = None, None, None
+    if ctx.is_main:
+        try:
+            result = write()
+        except Exception as err:  # whatever it is, the other ranks must hear of it, not wait
+            failure, error = err, f"cannot write {target} ({describe_write_error(err, target)})"
+    error = distributed.broadcast_object(error)
+    if failure is not None and not isinstance(failure, OSError):
+        raise failure  # not the disk but a bug: its traceback on rank 0
+    if error:
+        raise CannotWrite(error)
+    return result
+
+
 def describe_write_error(err: Exception, target: Path | str) -> str:
     """The reason (say, No space left on device), with the file when it is not the target itself."""
     if not isinstance(err, OSError):
         return f"{type(err).__name__}: {err}"
-    name = err.filename2 or err.filename
-    reason = err.strerror or str(err)
-    return f"{reason}: {name}" if name and str(name) != str(target) else reason
+    if str(err.filename2 or err.filename) == str(target):
+        return err.strerror or str(err)
+    return os_error_reason(err)
 
 
 def checkpoint_bytes(cfg: Config, num_classes: int) -> int:
@@ -524,26 +526,22 @@ def checkpoint_bytes(cfg: Config, num_classes: int) -> int:
 def prepare_run_folder(
     cfg: Config, ctx: distributed.Context, info: PreparedInfo, resume_path: Path | None
 ) -> None:
-    """Rank 0 creates the run folder, checks there is room for the checkpoints, saves the
-    resolved config and adopts the best weights of a run resumed from elsewhere, before any
-    training; every rank learns if that failed."""
-    error = None
-    if ctx.is_main:
-        run = RunFolder(cfg.output_dir)
-        try:
-            run.checkpoints.mkdir(parents=True, exist_ok=True)
-            free, needed = shutil.disk_usage(run.checkpoints).free, checkpoint_bytes(cfg, info.num_classes)
-            if free < needed:
-                error = f"{cfg.output_dir}: only {free / 2**20:.1f} MB free, checkpoints need {needed / 2**20:.1f} MB"
-            else:
-                run.write_text("config.yaml", dump_config(cfg))
-                if resume_path:
-                    adopt_best_weights(resume_path, run)
-        except OSError as err:
-            error = f"{cfg.output_dir}: cannot write the run folder ({err.strerror})"
-    error = distributed.broadcast_object(error)
-    if error:
-        raise UserError(error)
+    """Before any training, rank 0 creates the run folder, checks there is room for the
+    checkpoints, saves the resolved config and adopts the best weights of a run resumed from
+    elsewhere; every rank learns if that failed."""
+    run = RunFolder(cfg.output_dir)
+
+    def make() -> None:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        free, needed = shutil.disk_usage(run.checkpoints).free, checkpoint_bytes(cfg, info.num_classes)
+        if free < needed:
+            reason = f"only {free / 2**20:.1f} MB free, checkpoints need {needed / 2**20:.1f} MB"
+            raise OSError(errno.ENOSPC, reason)
+        run.write_text("config.yaml", dump_config(cfg))
+        if resume_path:
+            adopt_best_weights(resume_path, run)
+
+    on_main(ctx, run.root, make)
 
 
 def adopt_best_weights(resume_path: Path, run: RunFolder) -> None:
@@ -592,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NONFINITE
     except CannotWrite as err:
         together = True
-        print(f"rank {ctx.rank}: rank 0 {err}; stopping (the previous checkpoints are kept)", file=sys.stderr)
+        print(
+            f"rank {ctx.rank}: rank 0 {err}; stopping (checkpoints already written are kept)", file=sys.stderr
+        )
         return EXIT_CANNOT_WRITE
     except UserError:
         together = True  # bad input is seen alike by every rank

@@ -201,13 +201,37 @@ def test_killed_data_command_leaves_no_worker_and_no_partial_file(tmp_path, sig)
         assert temporary_files() == []
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict", "synthetic", "prepare"])
+def test_output_path_through_a_file_is_one_line_exit_74_before_any_work(
+    command, trained_run, raw_small, tmp_path
+):
+    """An output the file system refuses (here a path through a file; no space or no permission
+    alike): one `error:` line naming it, exit 74, decided before any work (nothing printed)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = {
+        "evaluate": [str(trained_run.run), "--out", str(blocker / "eval")],
+        "predict": [str(trained_run.run), str(raw_small), "--out", str(blocker / "preds.csv")],
+        "synthetic": [str(blocker / "raw.h5"), "--n", "20", "--size", "32"],
+        "prepare": [str(raw_small), str(blocker / "prepared.h5"), "--crop", "32"],
+    }[command]
+    result = subprocess.run(
+        [sys.executable, "-m", f"galaxydist.{command}", *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 74, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [f"error: Not a directory: {blocker}"]
+    assert result.stdout == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
 def test_unwritable_output_folder_fails_before_training(tiny_prepared, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     result = run_train(0, tiny_overrides(tiny_prepared, blocker / "run"))
-    assert result.returncode == 2
+    assert result.returncode == 74
     (line,) = result.stderr.strip().splitlines()
-    assert "cannot write the run folder" in line and "epoch" not in result.stdout
+    assert f"rank 0 cannot write {blocker / 'run'} (Not a directory" in line and "epoch" not in result.stdout
 
 
 @pytest.fixture
@@ -222,7 +246,7 @@ def tiny_disk(tmp_path):
 
 def test_full_output_disk_fails_before_training(tiny_prepared, tiny_disk):
     result = run_train(0, tiny_overrides(tiny_prepared, tiny_disk / "run"))
-    assert result.returncode == 2
+    assert result.returncode == 74
     (line,) = result.stderr.strip().splitlines()
     assert "MB free, checkpoints need" in line and "epoch" not in result.stdout
     assert not (tiny_disk / "run" / "config.yaml").exists()
