@@ -104,21 +104,11 @@ def timed(device: torch.device, step: Callable[[], None], steps: int) -> float:
 
 
 def throughput(
-    device: torch.device,
-    batch: int,
-    size: int,
-    compiled: bool,
-    bf16: bool,
-    channels_last: bool,
-    warmup: int,
-    steps: int,
-    backend: str,
-    host_sync: bool = False,
+    device: torch.device, step: Callable[[], None], batch: int, warmup: int, steps: int
 ) -> dict[str, Any]:
     """Training images/s of one grid cell, after `warmup` steps (compilation, autotuning)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = training_step(device, batch, size, compiled, bf16, channels_last, backend, host_sync)
     warm = timed(device, step, warmup)
     seconds = timed(device, step, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -211,17 +201,15 @@ def grid(args: argparse.Namespace, device: torch.device, result: dict[str, Any])
             cell["error"] = f"skipped, torch.compile fails here: {compile_failure}"
         else:
             try:
-                cell |= throughput(
+                channels_last = layout == "channels_last"
+                cell |= throughput(  # the step (model, Adam, batch) is freed with its frame
                     device,
+                    training_step(
+                        device, batch, args.size, compiled, bf16, channels_last, args.backend, host_sync
+                    ),
                     batch,
-                    args.size,
-                    compiled,
-                    bf16,
-                    layout == "channels_last",
                     args.warmup,
                     steps,
-                    args.backend,
-                    host_sync,
                 )
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than torch 2.4
                 cell["error"] = "out of memory"
