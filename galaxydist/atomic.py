@@ -20,16 +20,28 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _refuse(code: int, path: Path) -> OSError:
+    return OSError(code, os.strerror(code), str(path))
+
+
 def check_can_create(dst: str | os.PathLike) -> None:
-    """Fail before a long computation rather than after it: the nearest existing folder above
-    `dst` must be a folder this process may write in. Raises the OSError making it would."""
-    folder = Path(dst).absolute().parent
+    """Fail before a long computation rather than after it: `dst` must not be a folder, and the
+    nearest existing folder above it must be one this process may write in. Raises the OSError
+    that writing would."""
+    dst = Path(dst).absolute()
+    if dst.is_dir():
+        raise _refuse(errno.EISDIR, dst)
+    folder = dst.parent
     while not folder.exists():
+        if folder.is_symlink():  # dangling: mkdir would say "File exists"
+            raise _refuse(errno.ENOENT, folder)
         folder = folder.parent
     if not folder.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        raise _refuse(errno.ENOTDIR, folder)
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise _refuse(errno.EROFS, folder)
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+        raise _refuse(errno.EACCES, folder)
 
 
 @contextlib.contextmanager
@@ -43,7 +55,12 @@ def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as err:  # a write error names no file (ENOSPC from write(2), h5py's)
+            if err.filename is None:
+                err.filename = str(dst)
+            raise
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dst)

@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from collections.abc import Callable
 
 USAGE_ERROR = 2
 IO_ERROR = 74  # EX_IOERR: the file system refused (no space, a path through a file, permissions)
+# What a file system answers to a path or a write it refuses; other OSErrors (out of memory, too
+# many open files, a broken pipe, a loader worker's re-raised error) keep their traceback.
+REFUSALS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
+    errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+}  # fmt: skip
 
 
 class UserError(Exception):
@@ -18,8 +25,13 @@ class UserError(Exception):
 def os_error_reason(err: OSError) -> str:
     """The reason and the file ("No space left on device: /run/x.pt"), without [Errno N]."""
     name = err.filename2 or err.filename
-    reason = err.strerror or str(err)
+    reason = (err.strerror or str(err)).strip().splitlines()[0]  # h5py's messages run on
     return f"{reason}: {name}" if name else reason
+
+
+def refused_by_file_system(err: OSError) -> bool:
+    """A refusal by errno, or an error without one (h5py's) that atomic_path named the file of."""
+    return err.errno in REFUSALS or (err.errno is None and bool(err.filename))
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -41,6 +53,8 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except OSError as err:
+        if not refused_by_file_system(err):
+            raise
         print(f"error: {os_error_reason(err)}", file=sys.stderr)
         return IO_ERROR
     finally:

@@ -319,13 +319,13 @@ def prepare_folder(
         raise UserError(f"{dst_path}: already exists (use --force to replace it)")
     if crop < 1:
         raise UserError(f"--crop {crop}: must be a positive size")
-    check_can_create(dst_path)
     table = read_table(labels_csv)
     classes = resolve_classes(
         table, Path(classes_file) if classes_file else None, parse_label_map(label_map) if label_map else {}
     )
     validate_labels(classes.labels, classes.names, str(labels_csv))
     paths, missing = image_paths(images_dir, table)
+    check_can_create(dst_path)  # before the decoding, the long part
     size, n = resize or crop, len(paths)
     scratch_dir = dst_path.parent if dst_path.parent.is_dir() else None
     with tempfile.TemporaryFile(dir=scratch_dir) as scratch:

@@ -49,7 +49,7 @@ from .progress import is_terminal
 from .tracking import RunFolder, Tracker
 
 EXIT_NONFINITE = 3
-EXIT_CANNOT_WRITE = IO_ERROR  # 74: rank 0 could not write to the run folder; the checkpoints are kept
+EXIT_CANNOT_WRITE = IO_ERROR  # 74: rank 0 could not write to the run folder; the checkpoints written stay
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving last.pt; run again to resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -590,9 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NONFINITE
     except CannotWrite as err:
         together = True
-        print(
-            f"rank {ctx.rank}: rank 0 {err}; stopping (checkpoints already written are kept)", file=sys.stderr
-        )
+        print(f"rank {ctx.rank}: rank 0 {err}; stopping", file=sys.stderr)
         return EXIT_CANNOT_WRITE
     except UserError:
         together = True  # bad input is seen alike by every rank

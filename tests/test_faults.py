@@ -201,28 +201,53 @@ def test_killed_data_command_leaves_no_worker_and_no_partial_file(tmp_path, sig)
         assert temporary_files() == []
 
 
-@pytest.mark.parametrize("command", ["evaluate", "predict", "synthetic", "prepare"])
+def image_folder(root: Path) -> tuple[Path, Path]:
+    """Nine 40² PNGs in three classes and their labels CSV: a valid image-folder source."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = ["objid,label"]
+    for i in range(9):
+        Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(images / f"g{i}.png")
+        rows.append(f"g{i},{i % 3}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return images, root / "labels.csv"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "synthetic", "prepare", "prepare-folder"])
 def test_output_path_through_a_file_is_one_line_exit_74_before_any_work(
     command, trained_run, raw_small, tmp_path
 ):
     """An output the file system refuses (here a path through a file; no space or no permission
-    alike): one `error:` line naming it, exit 74, decided before any work (nothing printed)."""
+    alike): one `error:` line naming it, exit 74, decided before the work (predict prints its
+    first predictions as it goes: nothing is printed)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    args = {
-        "evaluate": [str(trained_run.run), "--out", str(blocker / "eval")],
-        "predict": [str(trained_run.run), str(raw_small), "--out", str(blocker / "preds.csv")],
-        "synthetic": [str(blocker / "raw.h5"), "--n", "20", "--size", "32"],
-        "prepare": [str(raw_small), str(blocker / "prepared.h5"), "--crop", "32"],
-    }[command]
+    run, out = str(trained_run.run), blocker / "out"
+    if command == "evaluate":
+        args = [run, "--out", str(out)]
+    elif command == "predict":
+        args = [run, str(raw_small), "--out", str(out)]
+    elif command == "synthetic":
+        args = [str(out), "--n", "20", "--size", "32"]
+    elif command == "prepare":
+        args = [str(raw_small), str(out), "--crop", "32"]
+    else:
+        images, labels = image_folder(tmp_path / "source")
+        args = ["--images", str(images), "--labels", str(labels), str(out), "--crop", "32"]
+    module = command.removesuffix("-folder")
     result = subprocess.run(
-        [sys.executable, "-m", f"galaxydist.{command}", *args],
+        [sys.executable, "-m", f"galaxydist.{module}", *args],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 74, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [f"error: Not a directory: {blocker}"]
     assert result.stdout == ""
-    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+    assert (
+        sorted(p.name for p in tmp_path.iterdir())
+        == ["a-file", "source"][: 1 + (command == "prepare-folder")]
+    )
 
 
 def test_unwritable_output_folder_fails_before_training(tiny_prepared, tmp_path):
@@ -242,6 +267,20 @@ def tiny_disk(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_filling_up_during_a_data_write_is_one_line_exit_74_and_leaves_nothing(tiny_disk):
+    """No space left in the middle of an HDF5 write (h5py's error, with no errno and a message of
+    several lines): one `error:` line naming the file, exit 74, no temporary file."""
+    out = tiny_disk / "raw.h5"
+    result = subprocess.run(
+        [sys.executable, "-m", "galaxydist.synthetic", str(out), "--n", "300", "--size", "64"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 74, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and line.endswith(f": {out}")
+    assert list(tiny_disk.iterdir()) == []
 
 
 def test_full_output_disk_fails_before_training(tiny_prepared, tiny_disk):
