@@ -39,8 +39,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a CLI main; a UserError becomes one line on stderr and exit code 2, an OSError (an
-    output folder that cannot be made, a full disk) one line and exit code 74, not a traceback.
+    """Run a CLI main; a UserError becomes one line on stderr and exit code 2, a file system's
+    refusal (an output folder that cannot be made, a full disk) one line and exit code 74, not a
+    traceback.
 
     SIGTERM (`kill`, the end of a batch job) exits with 143 through Python's own unwinding, so
     temporary files are removed and worker processes stopped on the way (train installs its own
