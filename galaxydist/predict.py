@@ -31,8 +31,9 @@ import numpy as np
 from .allocator import keep_freed_memory
 from .atomic import atomic_path, check_can_create
 from .errors import UserError, run_cli
-from .evaluate import load_model, predict_proba
+from .evaluate import ModelMeta, load_model, predict_proba
 from .galaxy10 import IMAGES_KEY
+from .model import GalaxyCNN
 from .prepare import centre_square
 from .progress import track
 
@@ -129,22 +130,35 @@ def load_chunk(chunk: Chunk, geometry: Geometry) -> tuple[list[tuple[str, str]],
     return keys, geometry.apply(slab)
 
 
-def predict(
-    checkpoint: str, inputs: list[str], tta: bool = False, crop: int | None = None, fit: str = "crop"
-) -> tuple[list[tuple[str, str]], np.ndarray, tuple[str, ...]]:
-    """Labels (file, index), probabilities (N, K) and the class names, in input order."""
+@dataclass(frozen=True)
+class Job:
+    """A prediction with everything checked: the model, the geometry and every input."""
+
+    model: GalaxyCNN
+    meta: ModelMeta
+    geometry: Geometry
+    chunks: list[Chunk]
+
+
+def checked_job(checkpoint: str, inputs: list[str], crop: int | None = None, fit: str = "crop") -> Job:
     model, meta = load_model(checkpoint)
     if crop is not None and crop < 1:
         raise UserError(f"--crop {crop}: must be a positive size")
-    geometry = Geometry(meta.image_size, crop or meta.crop, fit)
-    chunks = plan(inputs)
+    return Job(model, meta, Geometry(meta.image_size, crop or meta.crop, fit), plan(inputs))
+
+
+def predict(job: Job, tta: bool = False) -> tuple[list[tuple[str, str]], np.ndarray, tuple[str, ...]]:
+    """Labels (file, index), probabilities (N, K) and the class names, in input order."""
     keys: list[tuple[str, str]] = []
     probs = []
-    for chunk in track(chunks, len(chunks), "predict"):
-        chunk_keys, images = load_chunk(chunk, geometry)
+    meta = job.meta
+    for chunk in track(job.chunks, len(job.chunks), "predict"):
+        chunk_keys, images = load_chunk(chunk, job.geometry)
         keys += chunk_keys
         probs.append(
-            predict_proba(model, images, meta.mean, meta.std, tta, meta.mirror_symmetric, description=None)
+            predict_proba(
+                job.model, images, meta.mean, meta.std, tta, meta.mirror_symmetric, description=None
+            )
         )
     return keys, np.concatenate(probs), meta.class_names
 
@@ -179,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fit", choices=("crop", "resize"), default="crop", help="geometry (see above)")
     args = parser.parse_args(argv)
-    check_can_create(args.out)
-    keys, probs, class_names = predict(args.checkpoint, args.inputs, args.tta, args.crop, args.fit)
+    job = checked_job(args.checkpoint, args.inputs, args.crop, args.fit)
+    check_can_create(args.out)  # after the inputs, before the work
+    keys, probs, class_names = predict(job, args.tta)
     for (file, index), p in list(zip(keys, probs, strict=True))[:PRINTED_ROWS]:
         c = int(p.argmax())
         print(f"{file}{f'[{index}]' if index else ''}  {c} {class_names[c]}  p={p[c]:.3f}")

@@ -250,6 +250,19 @@ def test_output_path_through_a_file_is_one_line_exit_74_before_any_work(
     )
 
 
+def test_bad_input_is_reported_before_a_bad_output(tmp_path):
+    """Inputs first, then the output, then the work: with both wrong, the input's error (exit 2)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = subprocess.run(
+        [sys.executable, "-m", "galaxydist.predict", str(tmp_path / "missing.pt"), str(blocker),
+         "--out", str(blocker / "preds.csv")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.pt'}: checkpoint not found"]
+
+
 def test_unwritable_output_folder_fails_before_training(tiny_prepared, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
