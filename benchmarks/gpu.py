@@ -17,7 +17,7 @@ exits with a message; `--dry-run` runs every code path tiny on the CPU instead (
     python benchmarks/gpu.py                         # ~6-8 min on one H100/H200
     python benchmarks/gpu.py --out $OUT/gpu.json     # on the lent device: results come back from $OUT
     python benchmarks/gpu.py --skip-recipe           # the grid only
-    python benchmarks/gpu.py --compile-layouts nchw channels_last --compile-dtypes fp32 bf16 --recipe-compile
+    python benchmarks/gpu.py --compile-layouts nchw channels_last --compile-dtypes fp32 bf16 --recipe-runs eager compiled
     .venv/bin/python benchmarks/gpu.py --dry-run     # CPU check of the code paths, ~1 min
 """
 
@@ -331,9 +331,9 @@ def recipe(
     prepared = workdir / "prepared.h5"
     argv = ["-m", "galaxydist.prepare", str(raw), str(prepared), "--crop", str(args.crop), "--force"]
     prepare_s = run_cli(argv, logs / "prepare.log")
-    runs = [recipe_run(args, prepared, workdir, logs, compiled=False)]
-    if args.recipe_compile:
-        runs.append(recipe_run(args, prepared, workdir, logs, compiled=True))
+    runs = [
+        recipe_run(args, prepared, workdir, logs, compiled=mode == "compiled") for mode in args.recipe_runs
+    ]
     for run in runs:
         run["with_prepare_s"] = prepare_s + run["train_s"]
     return {
@@ -412,7 +412,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--raw", type=Path, help="reuse this Galaxy10-format file instead of generating one")
     parser.add_argument(
-        "--recipe-compile", action="store_true", help="also run the recipe with speed.compile=true"
+        "--recipe-runs",
+        nargs="+",
+        default=["eager"],
+        choices=["eager", "compiled"],
+        help="the recipe's runs, in order (compiled: speed.compile=true)",
     )
     parser.add_argument(
         "--recipe-override", action="append", default=[], metavar="KEY=VALUE", help="extra train override"

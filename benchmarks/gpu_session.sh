@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# BENCHMARKS.md §4 in one call on a lent device (at most 10 minutes a command, 15 in all):
+# the data set, then the recipe (all or nothing, so first), then the grid (saved cell by cell, so
+# a cut costs only its last cells), then, if time is left, the compiled recipe and three epochs
+# under torchrun (one rank: NCCL, DDP and SyncBatchNorm on the device). Every step has its
+# own time limit inside BUDGET seconds, so the logs are packed into one file however it ends.
+#   bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S] [extra gpu.py arguments, e.g. --dry-run]
+set -u
+out=${1:?usage: gpu_session.sh OUT_DIR [BUDGET_S] [gpu.py arguments]}
+budget=${2:-560}
+shift $(($# < 2 ? $# : 2))
+py=${PYTHON:-python3}
+n=17736
+size=256
+crop=128
+for arg in "$@"; do [ "$arg" = --dry-run ] && n=300 size=64 crop=48; done
+export PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$out"
+left() { echo $((budget - SECONDS)); }
+step() {  # step NAME SECONDS COMMAND...: the command under its own limit, logged
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s, $(left) s left)"
+    local start=$SECONDS
+    timeout "$limit" "$@"
+    echo "== $name: exit $?, $((SECONDS - start)) s"
+}
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    "$py" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'
+    step generate 120 "$py" -m galaxydist.synthetic "$work/raw.h5" --n "$n" --size "$size" --seed 0 --force
+    step recipe 240 "$py" benchmarks/gpu.py --skip-grid --raw "$work/raw.h5" --out "$out/recipe.json" "$@"
+    step grid $(($(left) - 30)) "$py" benchmarks/gpu.py --skip-recipe --out "$out/grid.json" "$@"
+    if [ "$(left)" -ge 150 ]; then
+        step recipe_compiled $(($(left) - 20)) "$py" benchmarks/gpu.py --skip-grid --raw "$work/raw.h5" \
+            --out "$out/recipe_compiled.json" --recipe-runs compiled "$@"
+    else
+        echo "== recipe_compiled: skipped, $(left) s left"
+    fi
+    if [ "$(left)" -ge 60 ]; then
+        step torchrun_one_rank $(($(left) - 15)) bash -c '"$0" -m galaxydist.prepare "$1/raw.h5" "$1/p.h5" \
+            --crop "$2" --force && "$0" -m torch.distributed.run --standalone --nproc_per_node=1 \
+            -m galaxydist.train --config configs/galaxy10.yaml data.path="$1/p.h5" output_dir="$1/ddp" \
+            tracking.wandb=disabled stages.0.max_epochs=2 stages.1.max_epochs=1' \
+            "$py" "$work" "$crop"
+    else
+        echo "== torchrun_one_rank: skipped, $(left) s left"
+    fi
+} 2>&1 | tee "$out/session.log"
+(cd "$out" && tar czf logs.tgz --remove-files ./*_logs 2>/dev/null)
+ls -la "$out"
