@@ -225,7 +225,7 @@ def grid(args: argparse.Namespace, device: torch.device, result: dict[str, Any])
 
 
 def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """Per-batch cost of the device-resident data path (DeviceResident + Trainer.to_inputs):
+    """Per-batch cost of the device-resident data path (DeviceResident + Trainer.inputs):
     the gather as DeviceResident does it (images[idx]) and as index_select, then normalise,
     the host-side hashed draws copied to the device, augment, channels_last."""
     from galaxydist.augment import augment, normalise, uniforms

@@ -130,7 +130,7 @@ def profile_epoch(run: Callable[[], int], rows: int = 12) -> dict[str, Any]:
 
 PYTHON_PARTS = {  # (file suffix, function): what a pipeline step spends its time in
     "loader: next batch": ("dataloader.py", "__next__"),
-    "to_inputs (normalise, hash draws, augment)": ("train.py", "to_inputs"),
+    "inputs (normalise, augment)": ("train.py", "inputs"),
     "  uniforms (per-row hash, numpy)": ("augment.py", "uniforms"),
     "  augment (affine_grid + grid_sample)": ("augment.py", "augment"),
     "derive_seed (dropout seed)": ("augment.py", "derive_seed"),

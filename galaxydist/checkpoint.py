@@ -40,12 +40,14 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """`saved` (an optimizer state_dict) into `optimizer`, adapted to where it runs now.
 
-    torch restores the saving run's `fused` flag with the state (a CPU checkpoint would resume
-    unfused on a GPU), and moments keep the saving run's memory layout (speed.channels_last may
-    differ; CUDA's fused Adam refuses moments laid out unlike their parameters).
+    torch restores the saving run's `fused` and `capturable` flags with the state (a CPU
+    checkpoint would resume unfused on a GPU, and a graph could not capture a non-capturable Adam),
+    and moments keep the saving run's memory layout (speed.channels_last may differ; CUDA's fused
+    Adam refuses moments laid out unlike their parameters).
     """
-    fused = optimizer.param_groups[0].get("fused")
-    groups = [{**group, "fused": fused} for group in saved["param_groups"]]
+    ours = optimizer.param_groups[0]
+    flags = {"fused": ours.get("fused"), "capturable": ours.get("capturable", False)}
+    groups = [{**group, **flags} for group in saved["param_groups"]]
     optimizer.load_state_dict({**saved, "param_groups": groups})
     for param, state in optimizer.state.items():
         for key, value in state.items():

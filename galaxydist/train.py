@@ -43,6 +43,7 @@ from .data import (
     read_prepared,
 )
 from .errors import IO_ERROR, UserError, os_error_reason, run_cli
+from .graphs import GraphedStep
 from .metrics import accuracy, balanced_accuracy, confusion_matrix, per_class
 from .model import GalaxyCNN
 from .progress import is_terminal
@@ -190,6 +191,19 @@ def load_resume_state(cfg: Config, info: PreparedInfo, resume: str | None) -> tu
     return path, state
 
 
+def uses_cuda_graphs(cfg: Config, ctx: distributed.Context) -> bool:
+    """Whether the training step is replayed as a CUDA graph: one process on CUDA with an eager
+    model (torch.compile is its own graph; DDP's collectives are not captured here)."""
+    possible = ctx.device.type == "cuda" and not ctx.distributed and not cfg.speed.compile
+    if cfg.speed.cuda_graphs is True and not possible:
+        raise UserError(
+            "speed.cuda_graphs=true needs one process on a CUDA device with speed.compile=false "
+            f"(here: {ctx.device.type}, world size {ctx.world_size}, compile {cfg.speed.compile}); "
+            "use speed.cuda_graphs=auto"
+        )
+    return possible and cfg.speed.cuda_graphs is not False
+
+
 def seed_dropout(seed: int, device: torch.device) -> None:
     """Seed only the generator dropout draws from (torch.manual_seed visits every backend: ~0.1 ms)."""
     if device.type == "cuda":
@@ -239,7 +253,9 @@ class Trainer:
             dataset = GalaxyDataset(self.info, split)
             shards = ShardBatches(len(dataset), ctx.rank, ctx.world_size, self.eval_batch)
             self.eval_loaders[split] = batch_source(dataset, shards, device, resident, num_workers=0)
+        self.graphs = uses_cuda_graphs(cfg, ctx)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.train_step
 
     # --- the run, top to bottom -------------------------------------------------------------
     def fit(self, resume: tuple[Path, dict] | None = None) -> dict[str, Any]:
@@ -254,7 +270,7 @@ class Trainer:
             if self.optimizer is None:  # a fresh stage: best weights so far, a new optimiser
                 if pos.stage > 0:
                     self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
-                self.optimizer = self.new_optimizer(stage.lr)
+                self.start_stage(stage.lr)
             stopper = EarlyStopping(stage.patience, **pos.stopper)
             while pos.epoch < stage.max_epochs:
                 train_loss, train_acc, seconds, images = self.train_epoch(pos)
@@ -312,30 +328,17 @@ class Trainer:
         for images, labels, rows in self.progress(self.train_loader, f"epoch {pos.epoch + 1}"):
             self.act_on(pending, pos, sums, started)
             seed_dropout(derive_seed(cfg.seed, epoch_key, pos.step, ctx.rank), ctx.device)
-            x, y = self.to_inputs(images, labels, rows, epoch_key, train=True)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.step_fn(x)
-            losses = F.cross_entropy(logits.float(), y, reduction="none")
-            w = self.weights[y]
-            weighted_sum = (w * losses).sum()
-            # One small collective per step: the global weight sum (the loss is normalised over the
-            # GLOBAL batch), which ranks saw a non-finite loss, and whether any rank must stop.
-            flags = torch.zeros(2 + ctx.world_size, dtype=torch.float64, device=ctx.device)
-            flags[0] = w.sum()
-            flags[1] = float(_stop_requested)
-            flags[2 + ctx.rank] = (~torch.isfinite(weighted_sum)).double()
-            flags = distributed.all_reduce_sum(flags)
+            draws = uniforms(cfg.seed, epoch_key, rows.numpy(), 3).astype(np.float32)
+            stop = torch.full((1,), float(_stop_requested), dtype=torch.float64, device=ctx.device)
+            flags, step_sums = self.step(
+                images.to(ctx.device, non_blocking=True),
+                labels.to(ctx.device, non_blocking=True),
+                host_to_device(torch.from_numpy(draws), ctx.device),
+                stop,
+            )
             pending = StepFlags(flags, pos.step)
-            loss = weighted_sum * ctx.world_size / flags[0]  # DDP averages over ranks
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            sums += step_sums
             pos.step += 1
-            with torch.no_grad():
-                count = (y >= 0).sum()  # len(y), counted on the device: no host-to-device copy
-                sums += torch.stack(
-                    [weighted_sum.detach(), w.sum(), (logits.argmax(1) == y).sum(), count]
-                ).double()
         self.act_on(pending, pos, sums, started)
         # A finite loss can still give non-finite gradients; the weights are the same on every rank,
         # so every rank takes this decision alike, before anything is evaluated or saved.
@@ -347,10 +350,43 @@ class Trainer:
         wloss, wsum, correct, n = distributed.all_reduce_sum(sums).tolist()
         return wloss / wsum, correct / n, seconds, int(n)
 
-    def new_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """Adam; on CUDA its fused kernel (a few launches per step instead of several per tensor)."""
-        fused = True if self.ctx.device.type == "cuda" else None
-        return torch.optim.Adam(self.model.parameters(), lr=lr, fused=fused)
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, draws: torch.Tensor, stop: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on a batch already on the device; returns the step's all-reduced
+        flags and its (weighted loss, weight, correct, count) sums. No host synchronisation, so
+        that it can be captured as a CUDA graph."""
+        ctx = self.ctx
+        x = self.inputs(images, draws)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            logits = self.step_fn(x)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        w = self.weights[labels]
+        weighted_sum = (w * losses).sum()
+        # One small collective per step: the global weight sum (the loss is normalised over the
+        # GLOBAL batch), whether any rank must stop, and which ranks saw a non-finite loss.
+        flags = torch.zeros(2 + ctx.world_size, dtype=torch.float64, device=ctx.device)
+        flags[0] = w.sum()
+        flags[1:2] = stop
+        flags[2 + ctx.rank] = (~torch.isfinite(weighted_sum)).double()
+        flags = distributed.all_reduce_sum(flags)
+        loss = weighted_sum * ctx.world_size / flags[0]  # DDP averages over ranks
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            count = (labels >= 0).sum()  # len(labels), counted on the device: no host-to-device copy
+            correct = (logits.argmax(1) == labels).sum()
+            return flags, torch.stack([weighted_sum.detach(), w.sum(), correct, count]).double()
+
+    def start_stage(self, lr: float, saved_state: dict[str, Any] | None = None) -> None:
+        """A new Adam (restored from `saved_state` when resuming), and the step that uses it: a
+        captured graph refers to one optimiser's tensors."""
+        fused = True if self.ctx.device.type == "cuda" else None  # a few launches per step, not per tensor
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, fused=fused, capturable=self.graphs)
+        if saved_state is not None:
+            checkpoint.load_optimizer_state(self.optimizer, saved_state)
+        self.step = GraphedStep(self.train_step) if self.graphs else self.train_step
 
     def act_on(self, flags: StepFlags | None, pos: Position, sums: torch.Tensor, started: float) -> None:
         """Stop every rank together on the previous step's flags: a non-finite loss anywhere, or a
@@ -377,8 +413,9 @@ class Trainer:
         self.model.eval()  # the bare module: no DDP buffer broadcast, no collective per batch
         cm = torch.zeros(k, k, dtype=torch.int64, device=ctx.device)
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        for images, labels, rows in self.eval_loaders[split]:
-            x, y = self.to_inputs(images, labels, rows, 0, train=False)
+        for images, labels, _rows in self.eval_loaders[split]:
+            x = self.inputs(images.to(ctx.device, non_blocking=True), None)
+            y = labels.to(ctx.device, non_blocking=True)
             with torch.autocast(
                 ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16 and not full_precision
             ):
@@ -390,20 +427,15 @@ class Trainer:
         wloss, wsum = distributed.all_reduce_sum(sums).tolist()
         return Evaluation(wloss / wsum, accuracy(cm), cm)
 
-    def to_inputs(
-        self, images, labels, rows, epoch_key: int, train: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 batch → normalised, augmented float images on the device."""
-        device = self.ctx.device
-        x = normalise(images.to(device, non_blocking=True), self.mean, self.std, torch.float32)
-        if train:
+    def inputs(self, images: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        """uint8 batch on the device → normalised float images, augmented by `draws` if given."""
+        x = normalise(images, self.mean, self.std, torch.float32)
+        if draws is not None:
             aug = self.cfg.augment
-            draws = uniforms(self.cfg.seed, epoch_key, rows.numpy(), 3).astype(np.float32)
-            draws = host_to_device(torch.from_numpy(draws), device)
             x = augment(x, draws, aug.hflip, aug.vflip, aug.rotate)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, labels.to(device, non_blocking=True)
+        return x
 
     # --- checkpoints, resume and the end of the run -----------------------------------------
     def report_epoch(self, record: dict[str, Any], val_confusion: np.ndarray) -> None:
@@ -439,8 +471,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             pos = Position(**state["position"])
             if "optimizer" in state and pos.stage < len(self.cfg.stages):
-                self.optimizer = self.new_optimizer(self.cfg.stages[pos.stage].lr)
-                checkpoint.load_optimizer_state(self.optimizer, state["optimizer"])
+                self.start_stage(self.cfg.stages[pos.stage].lr, state["optimizer"])
             self.log(f"resuming from {path} at stage {pos.stage} epoch {pos.epoch} step {pos.step}")
         # Epochs at or after this position are (re)logged by this run; a fresh run keeps none of
         # an attempt that stopped before its first last.pt.
@@ -575,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Every rank reads the same files, so a bad input fails on all of them alike, before any write.
         info = check_data(cfg, ctx)
+        uses_cuda_graphs(cfg, ctx)  # an impossible speed setting fails here, before any write
         resume = load_resume_state(cfg, info, args.resume)
         prepare_run_folder(cfg, ctx, info, resume[0] if resume else None)
         Trainer(cfg, ctx, info).fit(resume)

@@ -104,3 +104,12 @@ def test_train_cli_missing_data_says_how_to_make_it(tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert "prepared data not found" in line and "python -m galaxydist.prepare" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_cuda_graphs_where_impossible_exits_2_and_writes_nothing(tmp_path, tiny_prepared):
+    out = tmp_path / "run"
+    result = run_train(0, [f"data.path={tiny_prepared}", f"output_dir={out}", "speed.cuda_graphs=true"])
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "speed.cuda_graphs=true needs one process on a CUDA device" in line and "here: cpu" in line
+    assert not out.exists()
