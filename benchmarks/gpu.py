@@ -301,7 +301,13 @@ def recipe_run(
     ]
     argv = ["-m", "galaxydist.train", "--config", str(common.ROOT / "configs" / "galaxy10.yaml"), *overrides]
     seconds = run_cli(argv, logs / f"train{'_compiled' if compiled else ''}.log")
-    result: dict[str, Any] = {"command": "python " + " ".join(argv), "train_s": seconds, "compiled": compiled}
+    label = " ".join(["compiled" if compiled else "eager", *args.recipe_override])
+    result: dict[str, Any] = {
+        "command": "python " + " ".join(argv),
+        "label": label,
+        "train_s": seconds,
+        "compiled": compiled,
+    }
     metrics = sorted(out.rglob("metrics.jsonl"))
     if metrics:
         records = [json.loads(line) for line in metrics[0].read_text().splitlines() if line.strip()]
@@ -552,7 +558,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         )
         rows = [
             [
-                "compiled" if r["compiled"] else "eager",
+                r["label"],
                 r.get("epochs", ""),
                 r["train_s"],
                 r.get("train_epoch_seconds_sum", ""),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md §4 in one call on a lent device (at most 10 minutes a command, 15 in all):
-# the data set, then the recipe (all or nothing, so first), then the grid (saved cell by cell, so
-# a cut costs only its last cells), then, if time is left, the compiled recipe and three epochs
+# the CUDA-only tests while the data set is generated, then the recipe as configured and again
+# without CUDA graphs (each all or nothing, so first), then the grid (saved cell by cell, so a
+# cut costs only its last cells), then, if time is left, the compiled recipe and three epochs
 # under torchrun (one rank: NCCL, DDP and SyncBatchNorm on the device). Every step has its
 # own time limit inside BUDGET seconds, so the logs are packed into one file however it ends.
 #   bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S] [extra gpu.py arguments, e.g. --dry-run]
@@ -30,8 +31,14 @@ step() {  # step NAME SECONDS COMMAND...: the command under its own limit, logge
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
     "$py" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'
-    step generate 120 "$py" -m galaxydist.synthetic "$work/raw.h5" --n "$n" --size "$size" --seed 0 --force
-    step recipe 240 "$py" benchmarks/gpu.py --skip-grid --raw "$work/raw.h5" --out "$out/recipe.json" "$@"
+    "$py" -m galaxydist.synthetic "$work/raw.h5" --n "$n" --size "$size" --seed 0 --force >"$work/gen.log" 2>&1 &
+    generator=$!
+    step cuda_tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    wait "$generator"
+    echo "== generate: exit $?, done at ${SECONDS} s: $(tail -n 1 "$work/gen.log")"
+    step recipe 150 "$py" benchmarks/gpu.py --skip-grid --raw "$work/raw.h5" --out "$out/recipe.json" "$@"
+    step recipe_no_graphs 150 "$py" benchmarks/gpu.py --skip-grid --raw "$work/raw.h5" \
+        --out "$out/recipe_no_graphs.json" --recipe-override speed.cuda_graphs=false "$@"
     step grid $(($(left) - 30)) "$py" benchmarks/gpu.py --skip-recipe --out "$out/grid.json" "$@"
     if [ "$(left)" -ge 150 ]; then
         step recipe_compiled $(($(left) - 20)) "$py" benchmarks/gpu.py --skip-grid --raw "$work/raw.h5" \

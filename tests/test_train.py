@@ -264,3 +264,22 @@ def test_demo_recipe_learns_far_above_chance(tmp_path_factory):
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.45, summary
     assert np.mean(summary["per_class_accuracy"]) > 0.35
+
+
+def test_checkpoint_of_a_cuda_graphs_run_resumes_on_the_cpu():
+    """A GPU run with CUDA graphs saves a capturable Adam (its step counts on the device); the
+    resuming run's own flag must win, or the CPU step refuses the capturable state."""
+    torch.manual_seed(0)
+    model = GalaxyCNN([4, 8], 3)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    saving = torch.optim.Adam(model.parameters(), lr=1e-3)
+    F.cross_entropy(model(x), y).backward()
+    saving.step()
+    saved = saving.state_dict()
+    saved["param_groups"] = [{**group, "capturable": True} for group in saved["param_groups"]]
+    resumed = torch.optim.Adam(model.parameters(), lr=1e-3)
+    checkpoint.load_optimizer_state(resumed, saved)
+    assert resumed.param_groups[0]["capturable"] is False
+    F.cross_entropy(model(x), y).backward()
+    resumed.step()
+    assert all(int(state["step"]) == 2 for state in resumed.state.values())
