@@ -98,7 +98,7 @@ class Pipeline:
                 distributed=dataclasses.replace(cfg.distributed, exact_batchnorm=True),
             )
         self.trainer = common.make_trainer(cfg, distributed.setup())
-        self.trainer.optimizer = torch.optim.Adam(self.trainer.model.parameters(), lr=cfg.stages[0].lr)
+        self.trainer.start_stage(cfg.stages[0].lr)
         self.steps = len(self.trainer.train_batches)
         self.epochs = 0
 

@@ -76,7 +76,7 @@ class SpeedConfig:
     channels_last: bool = True  # measured 8.7× faster than NCHW on this CPU too (oneDNN)
     compile: bool = False
     resident: bool | Literal["auto"] = "auto"  # the splits on the device (auto: CUDA, if they fit)
-    # The training step replayed as one CUDA graph (auto: one CUDA process, compile off).
+    # The training step replayed as one CUDA graph (auto: one CUDA process, compile off, resident splits).
     cuda_graphs: bool | Literal["auto"] = "auto"
 
 

@@ -191,17 +191,19 @@ def load_resume_state(cfg: Config, info: PreparedInfo, resume: str | None) -> tu
     return path, state
 
 
-def uses_cuda_graphs(cfg: Config, ctx: distributed.Context) -> bool:
-    """Whether the training step is replayed as a CUDA graph: one process on CUDA with an eager
-    model (torch.compile is its own graph; DDP's collectives are not captured here)."""
+def cuda_graphs_possible(cfg: Config, ctx: distributed.Context) -> bool:
+    """Whether the training step can be captured as a CUDA graph here: one process on CUDA with
+    an eager model (DDP's collectives are not captured; a compiled model would need compile's own
+    `reduce-overhead` mode). `speed.cuda_graphs=true` where it cannot is an error."""
     possible = ctx.device.type == "cuda" and not ctx.distributed and not cfg.speed.compile
     if cfg.speed.cuda_graphs is True and not possible:
+        where = ctx.device.type + (", under torch.distributed" if ctx.distributed else "")
+        where += ", speed.compile=true" if cfg.speed.compile else ""
         raise UserError(
             "speed.cuda_graphs=true needs one process on a CUDA device with speed.compile=false "
-            f"(here: {ctx.device.type}, world size {ctx.world_size}, compile {cfg.speed.compile}); "
-            "use speed.cuda_graphs=auto"
+            f"(here: {where}); use speed.cuda_graphs=auto"
         )
-    return possible and cfg.speed.cuda_graphs is not False
+    return possible
 
 
 def seed_dropout(seed: int, device: torch.device) -> None:
@@ -253,9 +255,13 @@ class Trainer:
             dataset = GalaxyDataset(self.info, split)
             shards = ShardBatches(len(dataset), ctx.rank, ctx.world_size, self.eval_batch)
             self.eval_loaders[split] = batch_source(dataset, shards, device, resident, num_workers=0)
-        self.graphs = uses_cuda_graphs(cfg, ctx)
+        # auto: graphs where measured (resident splits); a loader's pin-memory thread is untested.
+        graphs = cfg.speed.cuda_graphs
+        self.cuda_graphs = cuda_graphs_possible(cfg, ctx) and (
+            graphs is True or (graphs == "auto" and resident)
+        )
         self.optimizer: torch.optim.Optimizer | None = None
-        self.step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.train_step
+        self.graphed_step: GraphedStep | None = None
 
     # --- the run, top to bottom -------------------------------------------------------------
     def fit(self, resume: tuple[Path, dict] | None = None) -> dict[str, Any]:
@@ -330,7 +336,9 @@ class Trainer:
             seed_dropout(derive_seed(cfg.seed, epoch_key, pos.step, ctx.rank), ctx.device)
             draws = uniforms(cfg.seed, epoch_key, rows.numpy(), 3).astype(np.float32)
             stop = torch.full((1,), float(_stop_requested), dtype=torch.float64, device=ctx.device)
-            flags, step_sums = self.step(
+            # Under CUDA graphs, flags and step_sums are the graph's static outputs: the next step
+            # overwrites them, so both are consumed (queued on the stream) right here.
+            flags, step_sums = (self.graphed_step or self.train_step)(
                 images.to(ctx.device, non_blocking=True),
                 labels.to(ctx.device, non_blocking=True),
                 host_to_device(torch.from_numpy(draws), ctx.device),
@@ -358,6 +366,8 @@ class Trainer:
         that it can be captured as a CUDA graph."""
         ctx = self.ctx
         x = self.inputs(images, draws)
+        # No autocast cast cache: it cannot outlive a graph capture, and each weight is cast once
+        # per forward anyway.
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             logits = self.step_fn(x)
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -383,10 +393,12 @@ class Trainer:
         """A new Adam (restored from `saved_state` when resuming), and the step that uses it: a
         captured graph refers to one optimiser's tensors."""
         fused = True if self.ctx.device.type == "cuda" else None  # a few launches per step, not per tensor
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, fused=fused, capturable=self.graphs)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=lr, fused=fused, capturable=self.cuda_graphs
+        )
         if saved_state is not None:
             checkpoint.load_optimizer_state(self.optimizer, saved_state)
-        self.step = GraphedStep(self.train_step) if self.graphs else self.train_step
+        self.graphed_step = GraphedStep(self.train_step) if self.cuda_graphs else None
 
     def act_on(self, flags: StepFlags | None, pos: Position, sums: torch.Tensor, started: float) -> None:
         """Stop every rank together on the previous step's flags: a non-finite loss anywhere, or a
@@ -606,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Every rank reads the same files, so a bad input fails on all of them alike, before any write.
         info = check_data(cfg, ctx)
-        uses_cuda_graphs(cfg, ctx)  # an impossible speed setting fails here, before any write
+        cuda_graphs_possible(cfg, ctx)  # an impossible speed setting fails here, before any write
         resume = load_resume_state(cfg, info, args.resume)
         prepare_run_folder(cfg, ctx, info, resume[0] if resume else None)
         Trainer(cfg, ctx, info).fit(resume)
