@@ -71,10 +71,16 @@ def test_graphed_dropout_follows_the_seed_set_before_each_replay():
     torch.testing.assert_close(masks[2][1], masks[2][0])
 
 
-def test_trainer_with_cuda_graphs_matches_eager(tmp_path, tiny_prepared):
-    """The whole Trainer, graphed and eager, float32 without dropout: the same epochs."""
+@pytest.mark.parametrize(
+    "data",
+    [["speed.resident=true"], ["speed.resident=false", "data.num_workers=2"]],
+    ids=["resident", "streamed"],
+)
+def test_trainer_with_cuda_graphs_matches_eager(tmp_path, tiny_prepared, data):
+    """The whole Trainer, graphed and eager, float32 without dropout: the same epochs. Streamed,
+    the loader's pin-memory thread allocates while the step is captured."""
     common = [f"data.path={tiny_prepared}", "tracking.wandb=disabled", "speed.bf16=false", "model.dropout=0"]
-    common += ["stages.0.max_epochs=2", "stages.1.max_epochs=1", "data.batch_size=32"]
+    common += ["stages.0.max_epochs=2", "stages.1.max_epochs=1", "data.batch_size=32", *data]
     runs = {}
     for graphs in ("true", "false"):
         out = tmp_path / graphs
