@@ -33,6 +33,10 @@ def test_gpu_benchmark_dry_run_fills_every_section(tmp_path):
     assert "Self CPU" in (tmp_path / "gpu_profile.txt").read_text()  # torch's own table
     (run,) = report["recipe"]["runs"]
     assert run["epochs"] == 2 and 0 <= run["test_accuracy"] <= 1
+    outside = run["outside_epochs"]  # from the epoch lines' arrival times
+    assert 0 < outside["startup_and_first_validation_s"] < run["train_s"]
+    assert 0 < outside["between_epochs_sum_s"] < run["train_s"] - run["train_epoch_seconds_sum"]
+    assert 0 < outside["after_last_epoch_s"] < run["train_s"]
     logs = tmp_path / "gpu_logs"
     assert sorted(p.name for p in logs.iterdir()) == ["prepare.log", "synthetic.log", "train.log"]
     assert "test accuracy" in (logs / "train.log").read_text()
