@@ -255,7 +255,7 @@ class Trainer:
             dataset = GalaxyDataset(self.info, split)
             shards = ShardBatches(len(dataset), ctx.rank, ctx.world_size, self.eval_batch)
             self.eval_loaders[split] = batch_source(dataset, shards, device, resident, num_workers=0)
-        # auto: graphs where measured (resident splits); a loader's pin-memory thread is untested.
+        # auto: graphs where they were measured (resident splits); `true` also graphs a streamed one.
         graphs = cfg.speed.cuda_graphs
         self.cuda_graphs = cuda_graphs_possible(cfg, ctx) and (
             graphs is True or (graphs == "auto" and resident)
