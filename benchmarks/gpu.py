@@ -242,7 +242,7 @@ def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         index = torch.randint(0, n, (batch,), device=device)
         host_rows = index.cpu().numpy()
 
-        def to_inputs(index: torch.Tensor = index, host_rows: Any = host_rows) -> torch.Tensor:
+        def inputs(index: torch.Tensor = index, host_rows: Any = host_rows) -> torch.Tensor:
             x = normalise(images.index_select(0, index), mean, std, torch.float32)
             draws = host_to_device(torch.from_numpy(uniforms(0, 0, host_rows, 3).astype("float32")), device)
             x = augment(x, draws, 0.5, 0.5, 180.0)
@@ -251,7 +251,7 @@ def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         parts = {
             "gather images[idx]": lambda index=index: images[index],
             "gather index_select": lambda index=index: images.index_select(0, index),
-            "to_inputs (select, normalise, draws, augment)": to_inputs,
+            "inputs (select, normalise, draws, augment)": inputs,
         }
         for name, fn in parts.items():
             reps = 3 if args.dry_run else 50
@@ -332,7 +332,7 @@ def recipe_run(
     ]
     argv = ["-m", "galaxydist.train", "--config", str(common.ROOT / "configs" / "galaxy10.yaml"), *overrides]
     seconds, lines = run_cli(argv, logs / f"train{'_compiled' if compiled else ''}.log")
-    label = " ".join(["compiled" if compiled else "eager", *args.recipe_override])
+    label = " ".join([f"speed.compile={str(compiled).lower()}", *args.recipe_override])
     result: dict[str, Any] = {
         "command": "python " + " ".join(argv),
         "label": label,

@@ -4,7 +4,8 @@
 # without CUDA graphs (each all or nothing, so first), then the grid (saved cell by cell, so a
 # cut costs only its last cells), then, if time is left, the compiled recipe and three epochs
 # under torchrun (one rank: NCCL, DDP and SyncBatchNorm on the device). Every step has its
-# own time limit inside BUDGET seconds, so the logs are packed into one file however it ends.
+# own time limit inside BUDGET seconds, so the script reaches its end and packs the logs into one
+# file (give the device call a limit above BUDGET: $OUT brings back at most 8 files).
 #   bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S] [extra gpu.py arguments, e.g. --dry-run]
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR [BUDGET_S] [gpu.py arguments]}
@@ -23,6 +24,10 @@ left() { echo $((budget - SECONDS)); }
 step() {  # step NAME SECONDS COMMAND...: the command under its own limit, logged
     local name=$1 limit=$2
     shift 2
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: skipped, $(left) s left"
+        return
+    fi
     echo "== $name (limit ${limit} s, $(left) s left)"
     local start=$SECONDS
     timeout "$limit" "$@"

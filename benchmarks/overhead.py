@@ -131,7 +131,7 @@ def profile_epoch(run: Callable[[], int], rows: int = 12) -> dict[str, Any]:
 PYTHON_PARTS = {  # (file suffix, function): what a pipeline step spends its time in
     "loader: next batch": ("dataloader.py", "__next__"),
     "inputs (normalise, augment)": ("train.py", "inputs"),
-    "  uniforms (per-row hash, numpy)": ("augment.py", "uniforms"),
+    "uniforms (per-row hash, numpy)": ("augment.py", "uniforms"),
     "  augment (affine_grid + grid_sample)": ("augment.py", "augment"),
     "derive_seed (dropout seed)": ("augment.py", "derive_seed"),
     "torch.manual_seed": ("random.py", "manual_seed"),

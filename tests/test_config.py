@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, run_train
 
@@ -106,10 +107,21 @@ def test_train_cli_missing_data_says_how_to_make_it(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_train_cli_cuda_graphs_where_impossible_exits_2_and_writes_nothing(tmp_path, tiny_prepared):
+@pytest.mark.parametrize(
+    ("impossible", "named"),
+    [
+        pytest.param([], "here: cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU")),
+        (["speed.compile=true"], "speed.compile=true"),
+    ],
+    ids=["cpu", "compiled"],
+)
+def test_train_cli_cuda_graphs_where_impossible_exits_2_and_writes_nothing(
+    tmp_path, tiny_prepared, impossible, named
+):
     out = tmp_path / "run"
-    result = run_train(0, [f"data.path={tiny_prepared}", f"output_dir={out}", "speed.cuda_graphs=true"])
+    overrides = [f"data.path={tiny_prepared}", f"output_dir={out}", "speed.cuda_graphs=true", *impossible]
+    result = run_train(0, overrides)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert "speed.cuda_graphs=true needs one process on a CUDA device" in line and "here: cpu" in line
+    assert "speed.cuda_graphs=true needs one process on a CUDA device" in line and named in line
     assert not out.exists()
