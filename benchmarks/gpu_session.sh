@@ -22,8 +22,9 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$out"
 left() { echo $((budget - SECONDS)); }
 step() {  # step NAME SECONDS COMMAND...: the command under its own limit, logged
-    local name=$1 limit=$2
+    local name=$1 limit=$2 room=$(($(left) - 5))
     shift 2
+    [ "$limit" -gt "$room" ] && limit=$room
     if [ "$limit" -lt 10 ]; then
         echo "== $name: skipped, $(left) s left"
         return
