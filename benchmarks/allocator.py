@@ -24,7 +24,7 @@ MODELS = {"demo": ([16, 32, 64, 96, 128], 48, 20), "baseline": ([32, 64, 128, 25
 STEPS = """
 import json, resource, sys, time, torch
 from galaxydist.allocator import keep_freed_memory
-from galaxydist.model import GalaxyCNN
+from galaxydist.models.cnn import GalaxyCNN
 tuned, channels, size, steps = sys.argv[1] == "tuned", json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if tuned:
     applied = keep_freed_memory()

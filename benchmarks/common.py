@@ -125,7 +125,7 @@ def timed() -> Iterator[list[float]]:
 
 def synthetic_prepared(workdir: Path, n: int, size: int, crop: int, seed: int = 0) -> Path:
     """A prepared file from the real generator and the real prepare step; the raw file is removed."""
-    from galaxydist.prepare import prepare
+    from galaxydist.data.galaxy10 import prepare
     from galaxydist.synthetic import generate
 
     raw, prepared = workdir / f"raw_{n}_{size}.h5", workdir / f"prepared_{n}_{size}_{crop}.h5"
@@ -143,8 +143,7 @@ def tiled_prepared(workdir: Path, n: int, size: int, seed: int = 0, tile: int = 
     """
     import h5py
 
-    from galaxydist.galaxy10 import IMAGES_KEY, LABELS_KEY
-    from galaxydist.prepare import prepare
+    from galaxydist.data.galaxy10 import IMAGES_KEY, LABELS_KEY, prepare
     from galaxydist.synthetic import draw_labels, render
 
     rng = np.random.default_rng(seed)
@@ -166,8 +165,13 @@ def make_trainer(cfg: Any, ctx: Any) -> Any:
     """The real Trainer, whichever of its (recent) constructor signatures this checkout has."""
     import inspect
 
-    from galaxydist.data import read_prepared
-    from galaxydist.train import Trainer
+    try:
+        from galaxydist.engine.builders import build_trainer, check_data
+
+        return build_trainer(cfg, ctx, check_data(cfg, ctx))
+    except ImportError:  # a checkout from before the engine package
+        from galaxydist.data import read_prepared
+        from galaxydist.train import Trainer
 
     if "info" in inspect.signature(Trainer).parameters:
         return Trainer(cfg, ctx, read_prepared(cfg.data.path))

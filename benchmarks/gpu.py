@@ -43,7 +43,7 @@ import common
 import torch
 import torch.nn.functional as F
 
-from galaxydist.model import GalaxyCNN
+from galaxydist.models.cnn import GalaxyCNN
 
 SEED_CHANNELS = [32, 64, 128, 256, 512]
 REAL_N = 17_736
@@ -229,8 +229,8 @@ def data_path(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
     """Per-batch cost of the device-resident data path (DeviceResident + Trainer.inputs):
     the gather as DeviceResident does it (images[idx]) and as index_select, then normalise,
     the host-side hashed draws copied to the device, augment, channels_last."""
-    from galaxydist.augment import augment, normalise, uniforms
-    from galaxydist.data import host_to_device
+    from galaxydist.data.augment import augment, normalise, uniforms
+    from galaxydist.data.dataset import host_to_device
 
     n = 64 if args.dry_run else 12_400  # Galaxy10's train split
     nhwc = torch.randint(0, 256, (n, args.size, args.size, 3), dtype=torch.uint8, device=device)

@@ -37,8 +37,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from galaxydist import distributed
 from galaxydist.config import load_config
-from galaxydist.data import GalaxyDataset, PreparedInfo, TrainBatches, make_loader, read_prepared
-from galaxydist.train import Position
+from galaxydist.data.dataset import GalaxyDataset, make_loader
+from galaxydist.data.format import PreparedInfo, read_prepared
+from galaxydist.data.samplers import TrainBatches
+from galaxydist.engine.state import Position
 
 BATCH = 64
 
@@ -150,10 +152,10 @@ def training_rate(path: Path, workdir: Path, steps: int, repeats: int) -> dict[s
     )
     trainer = common.make_trainer(cfg, distributed.setup())
     trainer.start_stage(cfg.stages[0].lr)
-    full = trainer.train_loader
+    full = trainer.parts.train_loader
     rates = []
     for epoch in range(repeats + 1):  # the first is warm-up (oneDNN primitive creation, workers)
-        trainer.train_loader = Limited(full, 1 if epoch == 0 else steps)
+        trainer.parts.train_loader = Limited(full, 1 if epoch == 0 else steps)
         _, _, seconds, images = trainer.train_epoch(Position(epoch=epoch))
         if epoch:
             rates.append(images / seconds)

@@ -37,8 +37,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from galaxydist import distributed
-from galaxydist.data import GalaxyDataset, ShardBatches, make_loader, read_prepared
-from galaxydist.model import GalaxyCNN
+from galaxydist.data.dataset import GalaxyDataset, make_loader
+from galaxydist.data.format import read_prepared
+from galaxydist.data.samplers import ShardBatches
+from galaxydist.models.cnn import GalaxyCNN
 
 CHANNELS = [32, 64, 128, 256, 512]  # the baseline recipe's model
 MODES = ("memmap", "memmap+w2", "ram")

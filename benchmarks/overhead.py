@@ -34,11 +34,12 @@ import torch.nn.functional as F
 
 from galaxydist import distributed
 from galaxydist.allocator import keep_freed_memory
-from galaxydist.augment import augment, normalise
 from galaxydist.config import Config, load_config
-from galaxydist.data import GalaxyDataset, read_prepared
-from galaxydist.model import GalaxyCNN
-from galaxydist.train import Position
+from galaxydist.data.augment import augment, normalise
+from galaxydist.data.dataset import GalaxyDataset
+from galaxydist.data.format import read_prepared
+from galaxydist.engine.state import Position
+from galaxydist.models.cnn import GalaxyCNN
 
 CONFIGS = {"demo": "configs/demo.yaml", "baseline": "configs/galaxy10.yaml"}
 
@@ -99,7 +100,7 @@ class Pipeline:
             )
         self.trainer = common.make_trainer(cfg, distributed.setup())
         self.trainer.start_stage(cfg.stages[0].lr)
-        self.steps = len(self.trainer.train_batches)
+        self.steps = len(self.trainer.parts.train_batches)
         self.epochs = 0
 
     def epoch(self) -> int:
@@ -201,7 +202,7 @@ def measure(name: str, path: Path, workdir: Path, rounds: int, profile: bool) ->
         "config": CONFIGS[name],
         "channels": cfg.model.channels,
         "batch": cfg.data.batch_size,
-        "num_workers": pipeline.trainer.num_workers,
+        "num_workers": getattr(pipeline.trainer.parts.train_loader, "num_workers", 0),
         "steps_per_epoch": pipeline.steps,
         "loops": loops,
         "ratio_pipeline_over_bare_aug": loops["pipeline"]["wall_over_bare_aug_paired_median"],

@@ -1,16 +1,112 @@
-"""Checkpoints: written atomically, loaded with weights_only=True (no pickle code runs on load)."""
+"""Checkpoints: the one schema (what a checkpoint holds and what reads it back), written
+atomically, loaded with weights_only=True (no pickle code runs on load).
+
+Training writes `training_state`; resuming reads it whole (`engine.state`); evaluation and
+inference read the model part only (`read_model`).
+"""
 
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .atomic import atomic_path
+from .data.format import PreparedInfo
 from .errors import UserError
+
+MODEL_KEYS = ("model", "config", "class_names", "mean", "std", "image_size")
+
+
+def training_state(
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    info: PreparedInfo,
+    position: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    val_accuracy: float | None = None,
+) -> dict[str, Any]:
+    """Everything a checkpoint holds: the weights and what rebuilds the model and its inputs
+    (config, classes, channel statistics, geometry), and the training position (+ optimiser)."""
+    state = {
+        "model": model.state_dict(),
+        "config": config,
+        "class_names": list(info.class_names),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "image_size": info.image_size,
+        "crop": info.crop,
+        "train_size": len(info.splits["train"]),
+        "position": position,
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if val_accuracy is not None:
+        state["val_accuracy"] = val_accuracy
+    return state
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a checkpoint says about its model's inputs and outputs."""
+
+    path: Path
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    crop: int  # side of the source square that was resized to image_size (= image_size if none)
+    config: dict[str, Any]
+
+    @property
+    def mirror_symmetric(self) -> bool:
+        """Trained with flips, so a mirror image is the same class (TTA may then use mirrors)."""
+        augment = self.config.get("augment", {})
+        return augment.get("hflip", 0) > 0 or augment.get("vflip", 0) > 0
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder of RUN/checkpoints/X.pt, else the checkpoint's own folder."""
+        parent = self.path.parent
+        return parent.parent if parent.name == "checkpoints" else parent
+
+
+def resolve(target: str | Path) -> Path:
+    """A run folder stands for its best weights; a file is taken as given."""
+    path = Path(target)
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    return path
+
+
+def read_model(target: str | Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
+    """The model part of a checkpoint (or run folder's best.pt): its description and weights."""
+    path = resolve(target)
+    state = load(path)
+    missing = [key for key in MODEL_KEYS if key not in state]
+    if missing:
+        raise UserError(f"{path}: not a galaxydist model checkpoint (no {missing[0]!r})")
+    meta = ModelMeta(
+        path=path,
+        class_names=tuple(state["class_names"]),
+        mean=tuple(state["mean"]),
+        std=tuple(state["std"]),
+        image_size=int(state["image_size"]),
+        crop=int(state.get("crop", state["image_size"])),  # absent: the images were not resized
+        config=state["config"],
+    )
+    return meta, state["model"]
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def save(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -33,23 +129,4 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a foreign pickle, a damaged zip: all mean "not our checkpoint"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a loadable galaxydist checkpoint ({first_line})") from None
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """`saved` (an optimizer state_dict) into `optimizer`, adapted to where it runs now.
-
-    torch restores the saving run's `fused` and `capturable` flags with the state (a CPU
-    checkpoint would resume unfused on a GPU, and a graph could not capture a non-capturable Adam),
-    and moments keep the saving run's memory layout (speed.channels_last may differ; CUDA's fused
-    Adam refuses moments laid out unlike their parameters).
-    """
-    ours = optimizer.param_groups[0]
-    flags = {"fused": ours.get("fused"), "capturable": ours.get("capturable", False)}
-    groups = [{**group, **flags} for group in saved["param_groups"]]
-    optimizer.load_state_dict({**saved, "param_groups": groups})
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                state[key] = torch.empty_like(param).copy_(value)
+        raise UserError(f"{path}: not a loadable galaxydist checkpoint ({first_line(err)})") from None

@@ -31,6 +31,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    name: str = "cnn"  # the family (galaxydist.models.FAMILIES)
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     dropout: float = 0.4
 
@@ -248,6 +249,11 @@ def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
         else:
             base[key] = value
     return base
+
+
+def model_config(saved: dict[str, Any], key: str = "model") -> ModelConfig:
+    """A checkpoint's saved `model` section as a ModelConfig (keys added since then take their defaults)."""
+    return _build(ModelConfig, saved, key)
 
 
 def dump_config(cfg: Config) -> str:

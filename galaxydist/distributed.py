@@ -1,5 +1,6 @@
 """Everything that talks to torch.distributed: set-up from torchrun/SLURM env vars, synchronised
-BatchNorm on any backend, reductions, and decisions every rank takes together.
+BatchNorm on any backend, reductions, and the protocols every rank follows together (a decision
+all take, a write rank 0 makes and every rank learns the outcome of).
 
 Without RANK/WORLD_SIZE in the environment the run is one process and every helper is a no-op.
 """
@@ -9,14 +10,17 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import UserError
+from .errors import UserError, os_error_reason
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,37 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class CannotWrite(Exception):
+    """Rank 0 could not write to the run folder (disk full, permissions): every rank stops together."""
+
+
+def on_main(ctx: Context, target: Path | str, write: Callable[[], Any]) -> Any:
+    """Rank 0 writes `target` (returns what `write` does there); every rank calls this at the
+    same point and learns whether it worked, so a failed write (disk full, permissions) stops
+    them all with its reason instead of crashing rank 0 alone."""
+    error, failure, result = None, None, None
+    if ctx.is_main:
+        try:
+            result = write()
+        except Exception as err:  # whatever it is, the other ranks must hear of it, not wait
+            failure, error = err, f"cannot write {target} ({describe_write_error(err, target)})"
+    error = broadcast_object(error)
+    if failure is not None and not isinstance(failure, OSError):
+        raise failure  # not the disk but a bug: its traceback on rank 0
+    if error:
+        raise CannotWrite(error)
+    return result
+
+
+def describe_write_error(err: Exception, target: Path | str) -> str:
+    """The reason (say, No space left on device), with the file when it is not the target itself."""
+    if not isinstance(err, OSError):
+        return f"{type(err).__name__}: {err}"
+    if str(err.filename2 or err.filename) == str(target):
+        return err.strerror or str(err)
+    return os_error_reason(err)
 
 
 class _GlobalBatchNormFunction(torch.autograd.Function):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -60,3 +61,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return IO_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def warn(message: str) -> None:
+    """One line on stderr, with the W&B API key blanked should an error message ever echo it."""
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        message = message.replace(key, "***")
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,3 +72,21 @@ def format_table(cm: np.ndarray, class_names: Sequence[str]) -> str:
         f"balanced {balanced_accuracy(cm):.3f} | |"
     )
     return "\n".join(lines)
+
+
+def scores(
+    probs: np.ndarray, labels: np.ndarray, class_weights: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, the class-weighted loss of training, and the confusion matrix."""
+    k = len(class_names)
+    preds = probs.argmax(1)
+    cm = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
+    w = class_weights[labels]
+    nll = -np.log(np.maximum(probs[np.arange(len(labels)), labels].astype(np.float64), 1e-12))
+    return {
+        "accuracy": accuracy(cm),
+        "balanced_accuracy": balanced_accuracy(cm),
+        "loss": float((w * nll).sum() / w.sum()) if len(labels) else 0.0,
+        "per_class_accuracy": [r["accuracy"] for r in per_class(cm, class_names)],
+        "confusion": cm.tolist(),
+    }

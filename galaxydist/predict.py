@@ -27,14 +27,15 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from torch import nn
 
 from .allocator import keep_freed_memory
 from .atomic import atomic_path, check_can_create
+from .checkpoint import ModelMeta
+from .data.galaxy10 import IMAGES_KEY
+from .data.geometry import centre_square
 from .errors import UserError, run_cli
-from .evaluate import ModelMeta, load_model, predict_proba
-from .galaxy10 import IMAGES_KEY
-from .model import GalaxyCNN
-from .prepare import centre_square
+from .inference.engine import load_model, predict_proba
 from .progress import track
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -134,7 +135,7 @@ def load_chunk(chunk: Chunk, geometry: Geometry) -> tuple[list[tuple[str, str]],
 class Job:
     """A prediction with everything checked: the model, the geometry and every input."""
 
-    model: GalaxyCNN
+    model: nn.Module
     meta: ModelMeta
     geometry: Geometry
     chunks: list[Chunk]

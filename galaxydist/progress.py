@@ -1,4 +1,5 @@
-"""Progress display: a rich bar on a terminal, nothing (the caller prints lines) otherwise."""
+"""The one progress display (prepare, synthetic, training epochs, evaluate, predict): a rich bar
+with the count and the time left on a terminal, nothing (the caller prints lines) otherwise."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def track(items: Iterable[T], total: int, description: str, enabled: bool = True
     if not (enabled and is_terminal()):
         yield from items
         return
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(transient=True) as bar:
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
         task = bar.add_task(description, total=total)
         for item in items:
             yield item

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from galaxydist.atomic import atomic_path
+from galaxydist.data.galaxy10 import CLASS_COUNTS, IMAGES_KEY, LABELS_KEY
 from galaxydist.errors import UserError, run_cli
-from galaxydist.galaxy10 import CLASS_COUNTS, IMAGES_KEY, LABELS_KEY
 from galaxydist.pool import default_workers, in_order
+from galaxydist.progress import track
 
 REAL_N = sum(CLASS_COUNTS)  # 17,736
 PXSCALE = 0.262  # DECaLS arcsec per pixel
@@ -281,9 +280,7 @@ def generate(
         "pxscale": np.full(n, PXSCALE),
     }
     starts = range(0, n, slab)
-    columns_bar = [TextColumn("synthetic"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    progress = Progress(*columns_bar, console=Console(stderr=True), disable=not sys.stderr.isatty())
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f, progress:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         images = f.create_dataset(
             IMAGES_KEY, (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), compression="gzip",
             compression_opts=GZIP_LEVEL,
@@ -291,17 +288,16 @@ def generate(
         f.create_dataset(LABELS_KEY, data=labels)
         for name, col in columns.items():
             f.create_dataset(name, data=col.astype(np.float64))
-        task = progress.add_task("render", total=n)
         slab_seeds = image_seed.spawn(len(starts))
         jobs = ((labels[i : i + slab], s, size, GZIP_LEVEL) for i, s in zip(starts, slab_seeds, strict=True))
-        for start, chunks in zip(starts, in_order(_render_slab, jobs, workers), strict=True):
-            progress.advance(task, _write_chunks(images, start, chunks))
+        slabs = track(in_order(_render_slab, jobs, workers), len(starts), "synthetic")
+        for start, chunks in zip(starts, slabs, strict=True):
+            _write_chunks(images, start, chunks)
 
 
-def _write_chunks(images: h5py.Dataset, start: int, chunks: list[bytes]) -> int:
+def _write_chunks(images: h5py.Dataset, start: int, chunks: list[bytes]) -> None:
     for i, chunk in enumerate(chunks):
         images.id.write_direct_chunk((start + i, 0, 0, 0), chunk)
-    return len(chunks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,54 +7,27 @@ loads it, and a missing or broken wandb costs one warning instead of the trainin
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 import secrets
 import string
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .atomic import atomic_path
-from .metrics import balanced_accuracy, format_table, per_class
-from .plots import plot_confusion, plot_curves
+from .metrics import balanced_accuracy, per_class
+from .reports import CSV_COLUMNS, Guard, plot_confusion, plot_curves, write_per_class
 
 if TYPE_CHECKING:
     from .config import Config
 
 CURVES_EVERY_S = 30.0
 WANDB_ID_FILE = "wandb_run_id"  # in the run folder: a resumed or requeued run continues this W&B run
-CSV_COLUMNS = ("class", "support", "accuracy", "precision", "recall", "f1")
-
-
-def warn(message: str) -> None:
-    """One line on stderr, with the W&B API key blanked should an error message ever echo it."""
-    key = os.environ.get("WANDB_API_KEY")
-    if key:
-        message = message.replace(key, "***")
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def write_per_class(folder: Path, stem: str, cm: np.ndarray, class_names: Sequence[str]) -> str:
-    """`stem`.csv (full precision for programs) and `stem`.md (for people); returns the Markdown."""
-    table = format_table(cm, class_names)
-    with atomic_path(folder / f"{stem}.md") as tmp:
-        tmp.write_text(table + "\n")
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in per_class(cm, class_names):
-        writer.writerow([row["class"], row["support"], *(f"{row[c]:.6f}" for c in CSV_COLUMNS[2:])])
-    with atomic_path(folder / f"{stem}.csv") as tmp:
-        tmp.write_text(text.getvalue())
-    return table
 
 
 class RunFolder:
@@ -98,28 +71,6 @@ class RunFolder:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
-
-
-class Guard:
-    """Runs reporting steps that must never stop the work (training, an evaluation): the first
-    failure prints one warning naming `what` and what goes on regardless, and every later step of
-    this guard is skipped."""
-
-    def __init__(
-        self, what: str, regardless: str = "training continues, the run folder has everything else"
-    ) -> None:
-        self.what, self.regardless = what, regardless
-        self.failed = False
-
-    def run(self, step: Callable[..., object], *args: Any) -> None:
-        if self.failed:
-            return
-        try:
-            step(*args)
-        except Exception as err:  # any failure of a reporter: the work matters more
-            self.failed = True
-            detail = f"{type(err).__name__}: {err}".strip().splitlines()[0]
-            warn(f"{self.what} failed ({detail}); {self.regardless}")
 
 
 def wandb_has_credentials() -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from galaxydist import synthetic
-from galaxydist.prepare import prepare
+from galaxydist.data.galaxy10 import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import read_metrics, run_train
 from torch import nn
 
-from galaxydist.graphs import GraphedStep
+from galaxydist.engine.step import GraphedStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from galaxydist.data import GalaxyDataset, ShardBatches, TrainBatches, make_loader, read_prepared
+from galaxydist.data.dataset import GalaxyDataset, make_loader
+from galaxydist.data.format import read_prepared
+from galaxydist.data.samplers import ShardBatches, TrainBatches
 from galaxydist.errors import UserError
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from galaxydist import distributed
 from galaxydist.errors import UserError
-from galaxydist.model import GalaxyCNN
+from galaxydist.models.cnn import GalaxyCNN
 
 
 def _in_group(rank: int, world: int, port: int, fn, queue) -> None:

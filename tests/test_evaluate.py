@@ -17,13 +17,15 @@ from conftest import ROOT
 from PIL import Image
 
 from galaxydist import evaluate, predict
-from galaxydist.data import read_prepared
+from galaxydist.data.dataset import SplitImages
+from galaxydist.data.format import read_prepared
+from galaxydist.data.galaxy10 import prepare
+from galaxydist.data.geometry import centre_square
 from galaxydist.errors import run_cli
-from galaxydist.evaluate import SplitImages, load_model, predict_proba
-from galaxydist.model import GalaxyCNN
-from galaxydist.plots import CONFUSION_PIXELS
+from galaxydist.inference.engine import load_model, predict_proba
+from galaxydist.models.cnn import GalaxyCNN
 from galaxydist.predict import Geometry
-from galaxydist.prepare import centre_square, prepare
+from galaxydist.reports import CONFUSION_PIXELS
 
 
 def test_evaluate_cli_reproduces_the_runs_test_report_and_adds_tta(trained_run, tmp_path):
@@ -211,7 +213,7 @@ def test_bad_inputs_exit_2_with_one_line(trained_run, tiny_prepared, raw_small, 
 
 def test_tta_keeps_handedness_when_training_kept_it():
     """Chiral classes (clockwise vs anticlockwise spirals) train without flips: TTA must not mirror."""
-    from galaxydist.evaluate import symmetries
+    from galaxydist.inference.engine import symmetries
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
     rotations = list(symmetries(x, mirror=False))

@@ -21,8 +21,8 @@ from conftest import read_metrics, reference_overrides, run_train, tiny_override
 from test_train import HELPERS, assert_same_run, start_torchrun, torchrun_script, workers_of
 
 from galaxydist import checkpoint
+from galaxydist.data.format import write_prepared
 from galaxydist.errors import UserError
-from galaxydist.prepare import write_prepared
 from galaxydist.tracking import RunFolder
 
 

@@ -14,12 +14,13 @@ import pytest
 from conftest import ROOT, SHARED_DATA, run_train, tiny_overrides
 from PIL import Image
 
-from galaxydist import folder
-from galaxydist.data import read_prepared
+from galaxydist.data import folder
+from galaxydist.data.format import read_prepared
+from galaxydist.data.galaxy10 import CLASS_NAMES
+from galaxydist.data.geometry import centre_square
 from galaxydist.errors import run_cli
-from galaxydist.galaxy10 import CLASS_NAMES
 from galaxydist.metrics import balanced_accuracy
-from galaxydist.prepare import centre_square, main
+from galaxydist.prepare import main
 
 GZ1 = SHARED_DATA / "gz1-sdss"
 GALAXY10_SAMPLE = SHARED_DATA / "galaxy10-decals-sample" / "Galaxy10_DECals_sample120.h5"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from galaxydist.data import read_prepared
-from galaxydist.galaxy10 import CLASS_NAMES
+from galaxydist.data.format import read_prepared
+from galaxydist.data.galaxy10 import CLASS_NAMES
 
 
 def run_prepare(*args: str) -> subprocess.CompletedProcess:
@@ -72,7 +72,7 @@ def test_normalisation_statistics_are_those_of_the_training_pixels(raw_small, ti
 
 
 def test_same_file_whatever_the_worker_count(raw_small, tiny_prepared, tmp_path, monkeypatch):
-    from galaxydist import prepare as prepare_module
+    from galaxydist.data import galaxy10 as prepare_module
 
     monkeypatch.setattr(prepare_module, "SLAB_BYTES", 48 * 48 * 3 * 50)  # 12 slabs of 50 images
     for workers in (1, 2):
@@ -89,7 +89,7 @@ def test_same_file_whatever_the_worker_count(raw_small, tiny_prepared, tmp_path,
 def test_damaged_chunk_read_by_a_worker_is_one_clear_error(tmp_path, monkeypatch):
     """A corrupt gzip chunk mid-file, decoded in a worker process: a UserError naming the rows
     (one `error:` line from the CLI), no output and no temporary file."""
-    from galaxydist import prepare as prepare_module
+    from galaxydist.data import galaxy10 as prepare_module
     from galaxydist.errors import UserError
 
     good = good_arrays(n=60)
@@ -209,7 +209,8 @@ def test_existing_destination_needs_force(tmp_path):
 
 def test_failure_midway_leaves_previous_destination(tmp_path, monkeypatch):
     """A crash while writing leaves no partial file: the old DST survives, no temp file remains."""
-    from galaxydist import prepare as prepare_module
+    from galaxydist.data import format as prepared_format
+    from galaxydist.data.galaxy10 import prepare as prepare_galaxy10
 
     src = write_h5(tmp_path / "ok.h5", **good_arrays())
     dst = tmp_path / "dst.h5"
@@ -218,9 +219,9 @@ def test_failure_midway_leaves_previous_destination(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(prepare_module, "class_weights", explode)
+    monkeypatch.setattr(prepared_format, "class_weights", explode)
     with pytest.raises(RuntimeError):
-        prepare_module.prepare(str(src), str(dst), crop=8, force=True)
+        prepare_galaxy10(str(src), str(dst), crop=8, force=True)
     assert dst.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.h5", "ok.h5"]
 

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
+from galaxydist.data.galaxy10 import CLASS_COUNTS, IMAGES_KEY, LABELS_KEY, OPTIONAL_COLUMNS
 from galaxydist.errors import run_cli
-from galaxydist.galaxy10 import CLASS_COUNTS, IMAGES_KEY, LABELS_KEY, OPTIONAL_COLUMNS
 from galaxydist.synthetic import draw_labels, generate, main, render
 
 N_CLASSES = len(CLASS_COUNTS)

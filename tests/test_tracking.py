@@ -21,9 +21,9 @@ from PIL import Image
 
 from galaxydist import tracking
 from galaxydist.config import load_config
-from galaxydist.data import read_prepared
+from galaxydist.data.format import read_prepared
 from galaxydist.metrics import confusion_matrix
-from galaxydist.plots import CONFUSION_PIXELS, CURVES_PIXELS
+from galaxydist.reports import CONFUSION_PIXELS, CURVES_PIXELS
 from galaxydist.tracking import WANDB_ID_FILE, RunFolder, Tracker, resolve_wandb_mode
 
 BLOCK = 32768  # wandb's LevelDB-style log: 32 KiB blocks of checksummed chunks

@@ -26,9 +26,10 @@ from conftest import (
 )
 
 from galaxydist import checkpoint, synthetic
-from galaxydist.data import keep_resident, read_prepared
-from galaxydist.model import GalaxyCNN
-from galaxydist.prepare import prepare
+from galaxydist.data.dataset import keep_resident
+from galaxydist.data.format import read_prepared
+from galaxydist.data.galaxy10 import prepare
+from galaxydist.models.cnn import GalaxyCNN
 
 HELPERS = Path(__file__).parent / "helpers"
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from galaxydist import distributed
 from galaxydist.config import load_config
-from galaxydist.train import Trainer, check_data
+from galaxydist.engine.builders import build_trainer, check_data
 
 out = Path(sys.argv[1])
 cfg = load_config(None, sys.argv[2:])
 ctx = distributed.setup(cfg.distributed.timeout_s)
-trainer = Trainer(cfg, ctx, check_data(cfg, ctx))
+trainer = build_trainer(cfg, ctx, check_data(cfg, ctx))
 result = {}
 for split in ("val", "test"):
     ev = trainer.evaluate(split)

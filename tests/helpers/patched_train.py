@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from galaxydist import train
+from galaxydist.engine import state
 from galaxydist.errors import run_cli
 
 fault, fault_rank, at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -38,7 +39,7 @@ if rank == fault_rank and fault in ("nan", "raise"):
 
 if rank == fault_rank and fault == "stop":
     validations = {"n": 0}
-    original_update = train.EarlyStopping.update
+    original_update = state.EarlyStopping.update
 
     def update(self, score):
         validations["n"] += 1
@@ -47,6 +48,6 @@ if rank == fault_rank and fault == "stop":
             self.bad_epochs = self.patience  # this rank alone wants to stop
         return False
 
-    train.EarlyStopping.update = update
+    state.EarlyStopping.update = update
 
 raise SystemExit(run_cli(train.main, args))

@@ -7,6 +7,7 @@ flip and angle whatever the world size, worker count or batch it lands in.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -71,3 +72,24 @@ def derive_seed(*parts: int) -> int:
     for part in parts:
         x = _splitmix64(np.uint64(x ^ np.uint64(part)))
     return int(x >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class BatchTransform:
+    """uint8 batch on the device → normalised float images, augmented when draws are given, in
+    the model's memory layout: what every training step feeds the model."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    hflip: float
+    vflip: float
+    rotate: float
+    channels_last: bool
+
+    def __call__(self, images: torch.Tensor, draws: torch.Tensor | None = None) -> torch.Tensor:
+        x = normalise(images, self.mean, self.std, torch.float32)
+        if draws is not None:
+            x = augment(x, draws, self.hflip, self.vflip, self.rotate)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x

@@ -33,11 +33,12 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from .atomic import check_can_create
-from .errors import UserError
-from .pool import in_order
-from .prepare import SLAB_BYTES, centre_square, validate_labels, write_prepared
-from .progress import track
+from ..atomic import check_can_create
+from ..errors import UserError
+from ..pool import in_order
+from ..progress import track
+from .format import SLAB_BYTES, validate_labels, write_prepared
+from .geometry import centre_square
 
 ID_COLUMNS = ("id", "objid")
 FILE_COLUMNS = ("file", "filename", "image", "path")

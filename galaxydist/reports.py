@@ -1,4 +1,6 @@
-"""The run's pictures: training curves and confusion matrices as PNG files.
+"""What a run or an evaluation reports: per-class tables (Markdown and CSV), the pictures
+(training curves and confusion matrices as PNG files), and a guard that keeps reporting from
+ever stopping the work.
 
 matplotlib is imported inside the functions and drawn on an Agg canvas (no pyplot, no global
 backend switch), so importing this module costs nothing and works without a display. Figures have
@@ -7,13 +9,18 @@ a fixed size in pixels (no tight bounding box) so that a reader, or a test, know
 
 from __future__ import annotations
 
+import csv
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .atomic import atomic_path
+from .errors import warn
+from .metrics import format_table, per_class
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -23,6 +30,7 @@ CURVES_INCHES = (11.0, 4.2)
 CONFUSION_INCHES = (8.0, 7.0)
 CURVES_PIXELS = (round(CURVES_INCHES[0] * DPI), round(CURVES_INCHES[1] * DPI))  # (width, height)
 CONFUSION_PIXELS = (round(CONFUSION_INCHES[0] * DPI), round(CONFUSION_INCHES[1] * DPI))
+CSV_COLUMNS = ("class", "support", "accuracy", "precision", "recall", "f1")
 
 
 def _figure(inches: tuple[float, float]) -> Figure:
@@ -97,3 +105,40 @@ def plot_confusion(
     accuracy = np.trace(cm) / total if total else 0.0
     ax.set_title(f"{title} — {total} images, accuracy {accuracy:.3f}", fontsize=10)
     _save(fig, path)
+
+
+def write_per_class(folder: Path, stem: str, cm: np.ndarray, class_names: Sequence[str]) -> str:
+    """`stem`.csv (full precision for programs) and `stem`.md (for people); returns the Markdown."""
+    table = format_table(cm, class_names)
+    with atomic_path(folder / f"{stem}.md") as tmp:
+        tmp.write_text(table + "\n")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in per_class(cm, class_names):
+        writer.writerow([row["class"], row["support"], *(f"{row[c]:.6f}" for c in CSV_COLUMNS[2:])])
+    with atomic_path(folder / f"{stem}.csv") as tmp:
+        tmp.write_text(text.getvalue())
+    return table
+
+
+class Guard:
+    """Runs reporting steps that must never stop the work (training, an evaluation): the first
+    failure prints one warning naming `what` and what goes on regardless, and every later step of
+    this guard is skipped."""
+
+    def __init__(
+        self, what: str, regardless: str = "training continues, the run folder has everything else"
+    ) -> None:
+        self.what, self.regardless = what, regardless
+        self.failed = False
+
+    def run(self, step: Callable[..., object], *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            step(*args)
+        except Exception as err:  # any failure of a reporter: the work matters more
+            self.failed = True
+            detail = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+            warn(f"{self.what} failed ({detail}); {self.regardless}")

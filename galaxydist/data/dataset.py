@@ -1,96 +1,19 @@
-"""The prepared data set: its on-disk layout, a memory-mapped Dataset, and rank-aware samplers.
-
-A prepared file holds every image once, contiguous and unfiltered, so that each rank and loader
-worker maps the same bytes with `np.memmap`: one copy in the page cache, none per process.
-"""
+"""One split of a prepared file as batches: memory-mapped from disk through a DataLoader, or
+resident in device memory. Whole batches per read: one memmap gather, no per-item collate."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, Sampler
 
-from .errors import UserError
-from .layout import FORMAT_VERSION, SPLITS
-
-
-@dataclass(frozen=True)
-class PreparedInfo:
-    """What a prepared file says about itself; read once, small, picklable."""
-
-    path: str
-    offset: int
-    shape: tuple[int, int, int, int]
-    labels: np.ndarray
-    splits: dict[str, np.ndarray]
-    class_names: tuple[str, ...]
-    class_weights: np.ndarray
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop: int  # side of the source's central square that became image_size
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_size(self) -> int:
-        return self.shape[1]
-
-
-def read_prepared(path: str | os.PathLike) -> PreparedInfo:
-    """Open and check a prepared file: format version, contiguous layout, size on disk."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise UserError(f"{path}: prepared data file not found (make it with `python -m galaxydist.prepare`)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise UserError(f"{path}: not a readable HDF5 file ({err})") from None
-    with f:
-        version = f.attrs.get("galaxydist_format")
-        if version is None:
-            raise UserError(f"{path}: not a prepared galaxydist file (run `python -m galaxydist.prepare`)")
-        if int(version) != FORMAT_VERSION:
-            raise UserError(f"{path}: prepared with format {version}, this version reads {FORMAT_VERSION}")
-        images = f["images"]
-        if images.chunks is not None or images.compression is not None:
-            raise UserError(f"{path}: 'images' is chunked or compressed, cannot be memory-mapped; re-prepare")
-        offset = images.id.get_offset()
-        if offset is None:
-            raise UserError(f"{path}: 'images' was never written")
-        shape = tuple(int(s) for s in images.shape)
-        end = offset + int(np.prod(shape))
-        if os.path.getsize(path) < end:
-            raise UserError(f"{path}: truncated ({os.path.getsize(path)} bytes, images end at {end})")
-        labels = f["labels"][()].astype(np.int64)
-        splits = {name: f["splits"][name][()].astype(np.int64) for name in SPLITS}
-        class_names = tuple(str(n) for n in f.attrs["class_names"])
-        info = PreparedInfo(
-            path=path,
-            offset=int(offset),
-            shape=shape,  # type: ignore[arg-type]
-            labels=labels,
-            splits=splits,
-            class_names=class_names,
-            class_weights=f["class_weights"][()].astype(np.float64),
-            mean=tuple(float(v) for v in f.attrs["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in f.attrs["std"]),  # type: ignore[arg-type]
-            crop=int(f.attrs.get("crop", shape[1])),
-        )
-    if len(labels) != shape[0] or labels.min(initial=0) < 0 or labels.max(initial=0) >= len(class_names):
-        raise UserError(f"{path}: labels do not match the images or the class list; re-prepare")
-    for name, rows in splits.items():
-        if len(rows) and (rows.min() < 0 or rows.max() >= shape[0]):
-            raise UserError(f"{path}: split {name!r} indexes past the images; re-prepare")
-    return info
+from ..errors import UserError
+from .format import SPLITS, PreparedInfo
 
 
 class GalaxyDataset(Dataset):
@@ -137,46 +60,18 @@ class GalaxyDataset(Dataset):
         return images, labels, rows_t
 
 
-class TrainBatches(Sampler[list[int]]):
-    """This rank's per-rank batches of a DistributedSampler epoch, optionally from batch `start` on.
+class SplitImages:
+    """One split of a prepared file as a lazily read N×C×H×W uint8 array (memory-mapped slices)."""
 
-    Global batch b is positions perm[b·B:(b+1)·B] of the shared permutation, whatever the world
-    size, so N ranks × B/N see exactly what one rank × B sees. Partial batches are dropped.
-    """
-
-    def __init__(self, n: int, rank: int, world_size: int, per_rank_batch: int, seed: int) -> None:
-        self.sampler = DistributedSampler(
-            range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.per_rank_batch = per_rank_batch
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
-        self.start = start
+    def __init__(self, info: PreparedInfo, split: str) -> None:
+        self.dataset = GalaxyDataset(info, split)
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.per_rank_batch - self.start
+        return len(self.dataset)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        positions = list(self.sampler)
-        for b in range(self.start, len(positions) // self.per_rank_batch):
-            yield positions[b * self.per_rank_batch : (b + 1) * self.per_rank_batch]
-
-
-class ShardBatches(Sampler[list[int]]):
-    """Exact evaluation sharding: contiguous, unpadded shards; every sample once over all ranks."""
-
-    def __init__(self, n: int, rank: int, world_size: int, batch_size: int) -> None:
-        self.shard = np.array_split(np.arange(n), world_size)[rank].tolist()
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.shard) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for start in range(0, len(self.shard), self.batch_size):
-            yield self.shard[start : start + self.batch_size]
+    def __getitem__(self, part: slice) -> np.ndarray:
+        images, _, _ = self.dataset[list(range(len(self)))[part]]
+        return images.numpy()
 
 
 def make_loader(
