@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
+# timm needs a torchvision built for the same torch: the pair that installs from this machine's disk.
+TORCH_ZOO := torch==2.14.1 torchvision==0.29.1
 NPROC ?= 2
 
 .PHONY: demo test lint clean
@@ -25,7 +27,13 @@ demo: data/demo.h5
 	rm -rf runs/demo  # a fresh run each time (an existing run folder would be resumed)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m galaxydist.train --config configs/demo.yaml
 
-test: $(VENV)/.installed
+# The tests need the model zoo (timm, e2cnn) too: the matching torch + torchvision pair first.
+$(VENV)/.zoo: $(VENV)/.installed
+	$(PY) -m pip install -q $(TORCH_ZOO)
+	$(PY) -m pip install -q -e '.[dev,zoo]'
+	touch $@
+
+test: $(VENV)/.zoo
 	$(PY) -m pytest -q -ra
 
 lint: $(VENV)/.installed

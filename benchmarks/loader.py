@@ -151,7 +151,7 @@ def training_rate(path: Path, workdir: Path, steps: int, repeats: int) -> dict[s
         [f"data.path={path}", f"output_dir={workdir / 'run'}", "tracking.wandb=disabled"],
     )
     trainer = common.make_trainer(cfg, distributed.setup())
-    trainer.start_stage(cfg.stages[0].lr)
+    trainer.start_stage(cfg.stages[0])
     full = trainer.parts.train_loader
     rates = []
     for epoch in range(repeats + 1):  # the first is warm-up (oneDNN primitive creation, workers)

@@ -99,7 +99,7 @@ class Pipeline:
                 distributed=dataclasses.replace(cfg.distributed, exact_batchnorm=True),
             )
         self.trainer = common.make_trainer(cfg, distributed.setup())
-        self.trainer.start_stage(cfg.stages[0].lr)
+        self.trainer.start_stage(cfg.stages[0])
         self.steps = len(self.trainer.parts.train_batches)
         self.epochs = 0
 

@@ -6,6 +6,7 @@ Unknown keys, wrong types and impossible values are errors that name the key, be
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,9 +32,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"  # the family (galaxydist.models.FAMILIES)
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    name: Literal["cnn", "timm", "e2cnn"] = "cnn"  # the family (galaxydist.models.FAMILIES)
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # cnn, e2cnn (fields)
     dropout: float = 0.4
+    pool: list[bool] | None = None  # cnn: which blocks halve the image (null: every block)
+    arch: str = "resnet18"  # timm: the architecture
+    group: str = "C8"  # e2cnn: C<N> (rotations) or D<N> (rotations and mirrors)
+    # A local .pt/.pth/.safetensors file or galaxydist checkpoint, or timm:<tag> from timm's hub.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -49,6 +55,8 @@ class StageConfig:
     lr: float = 1e-3
     max_epochs: int = 50
     patience: int = 5
+    train: str = "all"  # which parameters train: all | head | last:K (the last K blocks and the head)
+    lr_decay: float = 1.0  # layer-wise: each layer below the head trains at lr_decay × the one above
 
 
 @dataclass
@@ -185,6 +193,11 @@ def _check(cfg: Config) -> None:
             raise UserError(
                 f"config key 'augment.{key}': a probability in [0, 1], got {getattr(cfg.augment, key)}"
             )
+    for i, stage in enumerate(cfg.stages):
+        if not (stage.train in ("all", "head") or re.fullmatch(r"last:[1-9]\d*", stage.train)):
+            raise UserError(f"config key 'stages.{i}.train': {stage.train!r} is not all | head | last:K")
+        if not 0.0 < stage.lr_decay <= 1.0:
+            raise UserError(f"config key 'stages.{i}.lr_decay': must be in (0, 1], got {stage.lr_decay}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise UserError(f"config key 'model.dropout': must be in [0, 1), got {cfg.model.dropout}")
     if not 0.0 <= cfg.augment.rotate <= 180.0:

@@ -191,6 +191,11 @@ def describe_write_error(err: Exception, target: Path | str) -> str:
     return os_error_reason(err)
 
 
+def _channel_dims(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The dimensions BatchNorm sums over (all but channels), and a per-channel view's shape."""
+    return (0, *range(2, x.dim())), (1, x.shape[1], *([1] * (x.dim() - 2)))
+
+
 class _GlobalBatchNormFunction(torch.autograd.Function):
     """BatchNorm whose statistics, and whose gradient's mean terms, are those of every rank's
     batch together.
@@ -206,9 +211,8 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
-        dims = (0, 2, 3)
+        dims, shape = _channel_dims(x)
         channels = x.shape[1]
-        shape = (1, channels, 1, 1)
         count = x.numel() / channels
         local_sum = x.sum(dims)
         local_mean = local_sum / max(count, 1)  # an empty rank adds nothing, and no NaN
@@ -231,9 +235,8 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         centred, weight, invstd, total, shift = ctx.saved_tensors
-        dims = (0, 2, 3)
+        dims, shape = _channel_dims(centred)
         channels = centred.shape[1]
-        shape = (1, channels, 1, 1)
         sum_dy = dy.sum(dims)
         local = torch.cat([sum_dy, (dy * centred).sum(dims) + shift * sum_dy])  # Σdy, Σdy·(x−μ)
         mean_dy, mean_dy_centred = (all_reduce_sum(local.clone()) / total).split(channels)
@@ -245,19 +248,23 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
         return dx, local[channels:] * invstd, local[:channels], None, None, None, None
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
+class GlobalBatchNorm:
     """BatchNorm over the global batch for any backend (torch's SyncBatchNorm is CUDA-only).
 
     Forward and backward equal one BatchNorm over the concatenation of every rank's batch. One
     process may use it too (`distributed.exact_batchnorm`), so 1 rank and N ranks agree to float
     rounding. Evaluation uses the running statistics and makes no collective call.
+
+    A mixin over the BatchNorm class it replaces, so that any BatchNorm (1d/2d/3d, or a library's
+    subclass) keeps its parameters, buffers and state-dict keys. A subclass that follows the
+    normalisation with its own `drop` and `act` modules (timm's BatchNormAct2d) keeps them.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
         self.num_batches_tracked.add_(1)
-        return _GlobalBatchNormFunction.apply(
+        y = _GlobalBatchNormFunction.apply(
             x.float(),  # statistics in float32 even under CPU bf16 autocast
             self.weight,
             self.bias,
@@ -266,17 +273,49 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.momentum,
             self.eps,
         )
+        if isinstance(getattr(self, "act", None), nn.Module):
+            y = self.act(self.drop(y))
+        return y
+
+
+class GlobalBatchNorm2d(GlobalBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+_GLOBAL_CLASSES: dict[type, type] = {nn.BatchNorm2d: GlobalBatchNorm2d}
+
+
+def _global_class(cls: type) -> type:
+    """The GlobalBatchNorm subclass of a BatchNorm class (made once per class)."""
+    if cls not in _GLOBAL_CLASSES:
+        _GLOBAL_CLASSES[cls] = type(f"Global{cls.__name__}", (GlobalBatchNorm, cls), {})
+    return _GLOBAL_CLASSES[cls]
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, (GlobalBatchNorm, nn.SyncBatchNorm)
+    )
 
 
 def _to_global_batchnorm(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
-        replacement = GlobalBatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
-        replacement.load_state_dict(module.state_dict())
-        return replacement
+    """Every BatchNorm inside `module` made global, in place (same parameters and buffers)."""
+    for child in module.modules():
+        if _is_batchnorm(child):
+            child.__class__ = _global_class(type(child))
+    return module
+
+
+def _to_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """CUDA: torch's SyncBatchNorm for plain BatchNorm layers (its fused kernels); subclasses with
+    more in their forward (an activation) become GlobalBatchNorm, which keeps it."""
     for name, child in module.named_children():
-        setattr(module, name, _to_global_batchnorm(child))
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        elif _is_batchnorm(child):
+            child.__class__ = _global_class(type(child))
+        else:
+            _to_sync_batchnorm(child)
     return module
 
 
@@ -300,7 +339,7 @@ def wrap_model(model: nn.Module, ctx: Context, exact_batchnorm: bool = False) ->
     if ctx.device.type == "cuda":
         if not dist.is_initialized():
             return model
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = _to_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[ctx.local_rank], **_NO_FORWARD_BUFFER_SYNC)
     if dist.is_initialized() or exact_batchnorm:
         model = _to_global_batchnorm(model)

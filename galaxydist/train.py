@@ -17,7 +17,13 @@ import sys
 from . import distributed
 from .allocator import keep_freed_memory
 from .config import load_config
-from .engine.builders import build_trainer, check_data, cuda_graphs_possible, prepare_run_folder
+from .engine.builders import (
+    build_run_model,
+    build_trainer,
+    check_data,
+    cuda_graphs_possible,
+    prepare_run_folder,
+)
 from .engine.state import load_resume_state
 from .engine.trainer import Interrupted, NonFiniteLoss, request_stop
 from .errors import IO_ERROR, UserError, run_cli
@@ -51,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank reads the same files, so a bad input fails on all of them alike, before any write.
         info = check_data(cfg, ctx)
         cuda_graphs_possible(cfg, ctx)  # an impossible speed setting fails here, before any write
+        model, pretrained = build_run_model(cfg, info)
         resume = load_resume_state(cfg, info, args.resume)
         prepare_run_folder(cfg, ctx, info, resume[0] if resume else None)
-        build_trainer(cfg, ctx, info).fit(resume)
+        if pretrained and ctx.is_main and not resume:
+            print(pretrained.line(), flush=True)
+        build_trainer(cfg, ctx, info, model).fit(resume)
         together = True
         return 0
     except Interrupted:

@@ -25,10 +25,11 @@ from conftest import (
     without_timing,
 )
 
-from galaxydist import checkpoint, synthetic
+from galaxydist import synthetic
 from galaxydist.data.dataset import keep_resident
 from galaxydist.data.format import read_prepared
 from galaxydist.data.galaxy10 import prepare
+from galaxydist.engine.state import load_optimizer_state
 from galaxydist.models.cnn import GalaxyCNN
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -237,7 +238,7 @@ def test_resumed_adam_takes_this_runs_kernel_and_memory_layout():
     model.load_state_dict(saving_model.state_dict())
     model = model.to(memory_format=torch.channels_last)
     resumed = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    checkpoint.load_optimizer_state(resumed, saving.state_dict())
+    load_optimizer_state(resumed, saving.state_dict())
     assert resumed.param_groups[0]["fused"] is True
     conv = model.features[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
@@ -279,7 +280,7 @@ def test_checkpoint_of_a_cuda_graphs_run_resumes_on_the_cpu():
     saved = saving.state_dict()
     saved["param_groups"] = [{**group, "capturable": True} for group in saved["param_groups"]]
     resumed = torch.optim.Adam(model.parameters(), lr=1e-3)
-    checkpoint.load_optimizer_state(resumed, saved)
+    load_optimizer_state(resumed, saved)
     assert resumed.param_groups[0]["capturable"] is False
     F.cross_entropy(model(x), y).backward()
     resumed.step()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import math
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -22,7 +21,9 @@ from ..data.format import PreparedInfo, read_prepared
 from ..data.samplers import ShardBatches, TrainBatches
 from ..errors import UserError
 from ..models import build_model, family_of
+from ..models.pretrained import LoadReport, load_pretrained
 from ..tracking import RunFolder, Tracker
+from .optim import adam_factory
 from .trainer import Trainer, TrainingParts
 
 
@@ -46,11 +47,10 @@ def check_data(cfg: Config, ctx: distributed.Context) -> PreparedInfo:
             f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the "
             f"{len(info.splits['train'])} training images of {cfg.data.path}"
         )
-    smallest = family_of(cfg.model).min_input_size(cfg.model)
+    smallest, why = family_of(cfg.model).input_needs(cfg.model)
     if info.image_size < smallest:
         raise UserError(
-            f"{cfg.data.path}: {info.image_size}² images are too small for model.name={cfg.model.name} "
-            f"as configured (model.channels={cfg.model.channels}); it needs at least {smallest}²"
+            f"{cfg.data.path}: {info.image_size}² images are too small for {why}; they need at least {smallest}²"
         )
     return info
 
@@ -106,27 +106,23 @@ def adopt_best_weights(resume_path: Path, run: RunFolder) -> None:
             shutil.copyfile(theirs, tmp)
 
 
-def make_optimizer_factory(ctx: distributed.Context, capturable: bool):
-    """Adam over the given parameters at a stage's lr: fused on CUDA (a few launches per step, not
-    per tensor), capturable when the step is replayed as a CUDA graph."""
-    fused = True if ctx.device.type == "cuda" else None
+def build_run_model(cfg: Config, info: PreparedInfo) -> tuple[nn.Module, LoadReport | None]:
+    """The run's model from the one factory, seeded (the same initial weights at every world
+    size), with its pretrained weights: built before any write, so that a bad architecture or
+    weights file fails with nothing written."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, info.num_classes)
+    report = load_pretrained(model, cfg.model.pretrained) if cfg.model.pretrained else None
+    return model, report
 
-    def make(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=lr, fused=fused, capturable=capturable)
 
-    return make
-
-
-def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo) -> TrainingParts:
-    """The model (from the one factory, seeded: the same initial weights at every world size),
-    synchronised and wrapped for the ranks, the loaders, and the run's reporting."""
+def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo, model: nn.Module) -> TrainingParts:
+    """The model synchronised and wrapped for the ranks, the loaders, and the run's reporting."""
     device, on_cuda = ctx.device, ctx.device.type == "cuda"
     if on_cuda:
         torch.backends.cudnn.benchmark = True
     run = RunFolder(cfg.output_dir)
     tracker = Tracker(cfg, run, list(info.class_names)) if ctx.is_main else None
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, info.num_classes)
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     wrapped = distributed.wrap_model(model, ctx, cfg.distributed.exact_batchnorm)
@@ -166,7 +162,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo) -> Tr
         eval_loaders=eval_loaders,
         transform=transform,
         class_weights=torch.tensor(info.class_weights, dtype=torch.float32, device=device),
-        make_optimizer=make_optimizer_factory(ctx, cuda_graphs),
+        make_optimizer=adam_factory(device, cuda_graphs),
         run=run,
         tracker=tracker,
         bf16=on_cuda if cfg.speed.bf16 == "auto" else cfg.speed.bf16,
@@ -174,5 +170,8 @@ def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo) -> Tr
     )
 
 
-def build_trainer(cfg: Config, ctx: distributed.Context, info: PreparedInfo) -> Trainer:
-    return Trainer(cfg, ctx, info, build_parts(cfg, ctx, info))
+def build_trainer(
+    cfg: Config, ctx: distributed.Context, info: PreparedInfo, model: nn.Module | None = None
+) -> Trainer:
+    model = build_run_model(cfg, info)[0] if model is None else model
+    return Trainer(cfg, ctx, info, build_parts(cfg, ctx, info, model))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint, distributed
-from ..config import Config
+from ..config import Config, StageConfig
 from ..data.augment import BatchTransform, derive_seed, uniforms
 from ..data.dataset import host_to_device
 from ..data.format import PreparedInfo
@@ -24,6 +24,7 @@ from ..inference.engine import logits as model_logits
 from ..metrics import accuracy, balanced_accuracy, confusion_matrix, per_class
 from ..progress import track
 from ..tracking import RunFolder, Tracker
+from .optim import OptimizerFactory, frozen_batchnorms, param_groups
 from .state import EarlyStopping, Position, load_optimizer_state
 from .step import GraphedStep, StepFlags, TrainStep, seed_dropout
 
@@ -63,7 +64,7 @@ class TrainingParts:
     eval_loaders: dict[str, Iterable]
     transform: BatchTransform
     class_weights: torch.Tensor
-    make_optimizer: Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+    make_optimizer: OptimizerFactory
     run: RunFolder
     tracker: Tracker | None
     bf16: bool
@@ -78,6 +79,7 @@ class Trainer:
         self.model, self.run, self.tracker = parts.model, parts.run, parts.tracker
         self.optimizer: torch.optim.Optimizer | None = None
         self.step: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.frozen: list[nn.Module] = []  # BatchNorm layers of parameters this stage does not train
 
     # --- the run, top to bottom -------------------------------------------------------------
     def fit(self, resume: tuple[Path, dict] | None = None) -> dict[str, Any]:
@@ -92,7 +94,7 @@ class Trainer:
             if self.optimizer is None:  # a fresh stage: best weights so far, a new optimiser
                 if pos.stage > 0:
                     self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
-                self.start_stage(stage.lr)
+                self.start_stage(stage)
             stopper = EarlyStopping(stage.patience, **pos.stopper)
             while pos.epoch < stage.max_epochs:
                 train_loss, train_acc, seconds, images = self.train_epoch(pos)
@@ -134,6 +136,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         epoch_key = pos.stage * 10_000 + pos.epoch
         self.parts.forward.train()
+        for module in self.frozen:
+            module.eval()
         self.parts.train_batches.set_epoch(epoch_key, start=pos.step)
         # wloss, w, correct, n: this rank's running sums; after a resume rank 0 carries the global
         # sums of the steps done before the interruption.
@@ -170,11 +174,14 @@ class Trainer:
         wloss, wsum, correct, n = distributed.all_reduce_sum(sums).tolist()
         return wloss / wsum, correct / n, seconds, int(n)
 
-    def start_stage(self, lr: float, saved_state: dict[str, Any] | None = None) -> None:
-        """A new optimiser (restored from `saved_state` when resuming), and the step that uses it:
-        a captured graph refers to one optimiser's tensors."""
+    def start_stage(self, stage: StageConfig, saved_state: dict[str, Any] | None = None) -> None:
+        """A new optimiser over the parameters this stage trains (restored from `saved_state`
+        when resuming), and the step that uses it: a captured graph refers to one optimiser's
+        tensors."""
         parts = self.parts
-        self.optimizer = parts.make_optimizer(self.model.parameters(), lr)
+        groups = param_groups(self.model, stage)
+        self.frozen = frozen_batchnorms(self.model, groups)
+        self.optimizer = parts.make_optimizer(groups)
         if saved_state is not None:
             load_optimizer_state(self.optimizer, saved_state)
         step = TrainStep(
@@ -250,7 +257,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             pos = Position(**state["position"])
             if "optimizer" in state and pos.stage < len(self.cfg.stages):
-                self.start_stage(self.cfg.stages[pos.stage].lr, state["optimizer"])
+                self.start_stage(self.cfg.stages[pos.stage], state["optimizer"])
             self.log(f"resuming from {path} at stage {pos.stage} epoch {pos.epoch} step {pos.step}")
         # Epochs at or after this position are (re)logged by this run; a fresh run keeps none of
         # an attempt that stopped before its first last.pt.
