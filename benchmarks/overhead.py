@@ -131,13 +131,13 @@ def profile_epoch(run: Callable[[], int], rows: int = 12) -> dict[str, Any]:
 
 PYTHON_PARTS = {  # (file suffix, function): what a pipeline step spends its time in
     "loader: next batch": ("dataloader.py", "__next__"),
-    "inputs (normalise, augment)": ("train.py", "inputs"),
+    "inputs (normalise, augment)": ("augment.py", "__call__"),
     "uniforms (per-row hash, numpy)": ("augment.py", "uniforms"),
     "  augment (affine_grid + grid_sample)": ("augment.py", "augment"),
     "derive_seed (dropout seed)": ("augment.py", "derive_seed"),
     "torch.manual_seed": ("random.py", "manual_seed"),
     "forward (model)": ("module.py", "_call_impl"),
-    "  GlobalBatchNorm2d.forward": ("distributed.py", "forward"),
+    "  GlobalBatchNorm.forward": ("distributed.py", "forward"),
     "backward": ("__init__.py", "backward"),
     "optimizer.step": ("optimizer.py", "wrapper"),
 }

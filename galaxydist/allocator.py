@@ -2,9 +2,9 @@
 
 A training step frees and allocates the same large activation buffers again and again. glibc's
 malloc serves such sizes from fresh mmaps or trims them off the heap when freed, so every step
-page-faults its memory back in: measured here, ~5,000 faults per demo-model step and ~20 % of
-the demo's CPU training time. PyTorch's CPU tuning guide preloads jemalloc or tcmalloc for the
-same reason; glibc's own switches give most of it without a preload.
+page-faults its memory back in (BENCHMARKS.md measures the faults and the time they cost).
+PyTorch's CPU tuning guide preloads jemalloc or tcmalloc for the same reason; glibc's own
+switches give most of it without a preload.
 """
 
 from __future__ import annotations

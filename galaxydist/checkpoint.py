@@ -29,9 +29,11 @@ def training_state(
     position: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
     val_accuracy: float | None = None,
+    ema: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Everything a checkpoint holds: the weights and what rebuilds the model and its inputs
-    (config, classes, channel statistics, geometry), and the training position (+ optimiser)."""
+    (config, classes, channel statistics, geometry), and the training position (+ optimiser and
+    the weights' moving average, for resuming)."""
     state = {
         "model": model.state_dict(),
         "config": config,
@@ -47,6 +49,8 @@ def training_state(
         state["optimizer"] = optimizer.state_dict()
     if val_accuracy is not None:
         state["val_accuracy"] = val_accuracy
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     return state
 
 
@@ -64,9 +68,14 @@ class ModelMeta:
 
     @property
     def mirror_symmetric(self) -> bool:
-        """Trained with flips, so a mirror image is the same class (TTA may then use mirrors)."""
+        """Trained with flips, so a mirror image is the same class, or its mirror twin's under
+        `mirror_swap` (TTA may then use mirrors)."""
         augment = self.config.get("augment", {})
-        return augment.get("hflip", 0) > 0 or augment.get("vflip", 0) > 0
+        return augment.get("hflip", 0) > 0 or augment.get("vflip", 0) > 0 or bool(self.mirror_pairs)
+
+    @property
+    def mirror_pairs(self) -> list[list[int]]:
+        return self.config.get("augment", {}).get("mirror_swap", [])
 
     @property
     def run_dir(self) -> Path:

@@ -24,7 +24,7 @@ class DataConfig:
     path: str = "data/galaxy10_128.h5"
     batch_size: int = 64  # global: split evenly over the ranks
     # auto: 2 loader processes where they overlap reading with GPU work (CUDA, data not resident
-    # on the device); 0 on the CPU, where the memmap loader outpaces training by 250x or more and
+    # on the device); 0 on the CPU, where the memmap loader outpaces training many times over and
     # workers would only take cores from the ranks.
     num_workers: int | Literal["auto"] = "auto"
     eval_batch_size: int = 256  # global, for validation and test
@@ -47,6 +47,27 @@ class AugmentConfig:
     hflip: float = 0.5  # probability
     vflip: float = 0.5
     rotate: float = 180.0  # degrees: uniform in [-rotate, rotate]
+    # Class-index pairs that trade places under a mirror (GZ1: [[1, 2]], clockwise ↔ anticlockwise
+    # spirals): a mirrored training image takes the swapped label; TTA swaps mirrored views back.
+    mirror_swap: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0  # never on BatchNorm parameters and biases
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class EmaConfig:
+    decay: float | None = (
+        None  # exponential moving average of the weights (and BatchNorm statistics); null: off
+    )
 
 
 @dataclass
@@ -57,6 +78,12 @@ class StageConfig:
     patience: int = 5
     train: str = "all"  # which parameters train: all | head | last:K (the last K blocks and the head)
     lr_decay: float = 1.0  # layer-wise: each layer below the head trains at lr_decay × the one above
+    # The learning rate over the stage's optimiser steps: a linear warm-up, then constant, a cosine
+    # to zero at max_epochs, or × step_gamma every step_epochs epochs.
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = 0
+    step_epochs: int = 10
+    step_gamma: float = 0.1
 
 
 @dataclass
@@ -73,7 +100,7 @@ class DistributedConfig:
     timeout_s: float = 600.0  # a collective waiting longer than this fails instead of hanging
     # CPU only. One process normally uses the fused nn.BatchNorm2d. True gives it the ranks' own
     # GlobalBatchNorm2d arithmetic, so one process and N CPU ranks agree to float rounding (the
-    # fused kernel sums naively, and Adam turns that into visible differences); 6–30 % slower here.
+    # fused kernel sums naively, and Adam turns that into visible differences); slower (BENCHMARKS.md).
     exact_batchnorm: bool = False
 
 
@@ -82,7 +109,7 @@ class SpeedConfig:
     """Fast-path switches; `auto` means on for CUDA, off on CPU."""
 
     bf16: bool | Literal["auto"] = "auto"
-    channels_last: bool = True  # measured 8.7× faster than NCHW on this CPU too (oneDNN)
+    channels_last: bool = True  # faster than NCHW on the CPU too (oneDNN; BENCHMARKS.md)
     compile: bool = False
     resident: bool | Literal["auto"] = "auto"  # the splits on the device (auto: CUDA, if they fit)
     # The training step replayed as one CUDA graph (auto: one CUDA process, compile off, resident splits).
@@ -99,6 +126,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     stages: list[StageConfig] = field(
         default_factory=lambda: [StageConfig("train", 1e-3, 50, 5), StageConfig("finetune", 5e-4, 50, 5)]
     )
@@ -198,6 +228,26 @@ def _check(cfg: Config) -> None:
             raise UserError(f"config key 'stages.{i}.train': {stage.train!r} is not all | head | last:K")
         if not 0.0 < stage.lr_decay <= 1.0:
             raise UserError(f"config key 'stages.{i}.lr_decay': must be in (0, 1], got {stage.lr_decay}")
+        if stage.warmup_steps < 0 or stage.step_epochs < 1 or not 0.0 < stage.step_gamma <= 1.0:
+            raise UserError(
+                f"config key 'stages.{i}': warmup_steps >= 0, step_epochs >= 1 and step_gamma in (0, 1], "
+                f"got {stage.warmup_steps}, {stage.step_epochs}, {stage.step_gamma}"
+            )
+    if cfg.optim.weight_decay < 0:
+        raise UserError(f"config key 'optim.weight_decay': must be >= 0, got {cfg.optim.weight_decay}")
+    if not 0.0 <= cfg.loss.label_smoothing < 1.0:
+        raise UserError(
+            f"config key 'loss.label_smoothing': must be in [0, 1), got {cfg.loss.label_smoothing}"
+        )
+    if cfg.ema.decay is not None and not 0.0 < cfg.ema.decay < 1.0:
+        raise UserError(f"config key 'ema.decay': must be in (0, 1) or null, got {cfg.ema.decay}")
+    seen: set[int] = set()
+    for i, pair in enumerate(cfg.augment.mirror_swap):
+        if len(pair) != 2 or pair[0] == pair[1] or min(pair) < 0 or seen & set(pair):
+            raise UserError(
+                f"config key 'augment.mirror_swap.{i}': {pair} must pair two different classes, each class once"
+            )
+        seen |= set(pair)
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise UserError(f"config key 'model.dropout': must be in [0, 1), got {cfg.model.dropout}")
     if not 0.0 <= cfg.augment.rotate <= 180.0:

@@ -24,7 +24,7 @@ from .atomic import atomic_path, check_can_create
 from .data.dataset import SplitImages
 from .data.format import read_prepared
 from .errors import UserError, run_cli
-from .inference.engine import check_compatible, load_model, predict_proba
+from .inference.engine import check_compatible, load_model, mirror_swap, predict_proba
 from .metrics import scores
 from .reports import Guard, plot_confusion, write_per_class
 
@@ -77,6 +77,7 @@ def evaluate(
                 use_tta,
                 meta.mirror_symmetric,
                 description=f"{split} ({name})",
+                swap=mirror_swap(meta),
             ),
             labels,
             info.class_weights,

@@ -35,7 +35,7 @@ from .checkpoint import ModelMeta
 from .data.galaxy10 import IMAGES_KEY
 from .data.geometry import centre_square
 from .errors import UserError, run_cli
-from .inference.engine import load_model, predict_proba
+from .inference.engine import load_model, mirror_swap, predict_proba
 from .progress import track
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -158,7 +158,14 @@ def predict(job: Job, tta: bool = False) -> tuple[list[tuple[str, str]], np.ndar
         keys += chunk_keys
         probs.append(
             predict_proba(
-                job.model, images, meta.mean, meta.std, tta, meta.mirror_symmetric, description=None
+                job.model,
+                images,
+                meta.mean,
+                meta.std,
+                tta,
+                meta.mirror_symmetric,
+                description=None,
+                swap=mirror_swap(meta),
             )
         )
     return keys, np.concatenate(probs), meta.class_names

@@ -66,6 +66,19 @@ def augment(
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def mirrored(draws: torch.Tensor, hflip: float, vflip: float) -> torch.Tensor:
+    """Which samples `augment` mirrors: exactly one of the two flips (two flips are a rotation)."""
+    return (draws[:, 0] < hflip) != (draws[:, 1] < vflip)
+
+
+def swap_permutation(pairs: list[list[int]], num_classes: int) -> list[int]:
+    """perm[c]: the class c becomes under a mirror (itself unless it is in a pair)."""
+    perm = list(range(num_classes))
+    for a, b in pairs:
+        perm[a], perm[b] = b, a
+    return perm
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of `parts` (for per-step torch RNG, e.g. dropout)."""
     x = np.uint64(0)
@@ -85,6 +98,14 @@ class BatchTransform:
     vflip: float
     rotate: float
     channels_last: bool
+    swap: torch.Tensor | None = None  # class permutation under a mirror (augment.mirror_swap), or None
+
+    def targets(self, labels: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The labels of the augmented images: a mirrored image (one flip, whatever the rotation)
+        of a class that has a mirror twin takes the twin's label."""
+        if self.swap is None:
+            return labels
+        return torch.where(mirrored(draws, self.hflip, self.vflip), self.swap[labels], labels)
 
     def __call__(self, images: torch.Tensor, draws: torch.Tensor | None = None) -> torch.Tensor:
         x = normalise(images, self.mean, self.std, torch.float32)

@@ -26,8 +26,12 @@ class TrainBatches(Sampler[list[int]]):
         self.sampler.set_epoch(epoch)
         self.start = start
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler) // self.per_rank_batch
+
     def __len__(self) -> int:
-        return len(self.sampler) // self.per_rank_batch - self.start
+        return self.steps_per_epoch - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
         positions = list(self.sampler)

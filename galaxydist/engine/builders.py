@@ -15,7 +15,7 @@ from torch import nn
 from .. import distributed
 from ..atomic import atomic_path
 from ..config import Config, dump_config
-from ..data.augment import BatchTransform
+from ..data.augment import BatchTransform, swap_permutation
 from ..data.dataset import GalaxyDataset, batch_source, keep_resident, prepared_path_hint
 from ..data.format import PreparedInfo, read_prepared
 from ..data.samplers import ShardBatches, TrainBatches
@@ -23,7 +23,8 @@ from ..errors import UserError
 from ..models import build_model, family_of
 from ..models.pretrained import LoadReport, load_pretrained
 from ..tracking import RunFolder, Tracker
-from .optim import adam_factory
+from .ema import EMA
+from .optim import optimizer_factory
 from .trainer import Trainer, TrainingParts
 
 
@@ -47,6 +48,12 @@ def check_data(cfg: Config, ctx: distributed.Context) -> PreparedInfo:
             f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the "
             f"{len(info.splits['train'])} training images of {cfg.data.path}"
         )
+    for i, pair in enumerate(cfg.augment.mirror_swap):
+        if max(pair) >= info.num_classes:
+            raise UserError(
+                f"config key 'augment.mirror_swap.{i}': class {max(pair)} is not in {cfg.data.path} "
+                f"({info.num_classes} classes: 0..{info.num_classes - 1})"
+            )
     smallest, why = family_of(cfg.model).input_needs(cfg.model)
     if info.image_size < smallest:
         raise UserError(
@@ -153,6 +160,11 @@ def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo, model
         vflip=aug.vflip,
         rotate=aug.rotate,
         channels_last=cfg.speed.channels_last,
+        swap=(
+            torch.tensor(swap_permutation(aug.mirror_swap, info.num_classes), device=device)
+            if aug.mirror_swap
+            else None
+        ),
     )
     return TrainingParts(
         model=model,
@@ -162,11 +174,12 @@ def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo, model
         eval_loaders=eval_loaders,
         transform=transform,
         class_weights=torch.tensor(info.class_weights, dtype=torch.float32, device=device),
-        make_optimizer=adam_factory(device, cuda_graphs),
+        make_optimizer=optimizer_factory(cfg.optim, device, cuda_graphs),
         run=run,
         tracker=tracker,
         bf16=on_cuda if cfg.speed.bf16 == "auto" else cfg.speed.bf16,
         cuda_graphs=cuda_graphs,
+        ema=EMA(model, cfg.ema.decay) if cfg.ema.decay is not None else None,
     )
 
 

@@ -115,9 +115,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     and moments keep the saving run's memory layout (speed.channels_last may differ; CUDA's fused
     Adam refuses moments laid out unlike their parameters).
     """
-    ours = optimizer.param_groups[0]
-    flags = {"fused": ours.get("fused"), "capturable": ours.get("capturable", False)}
-    groups = [{**group, **flags} for group in saved["param_groups"]]
+    ours = optimizer.param_groups
+    flags = {"fused": ours[0].get("fused"), "capturable": ours[0].get("capturable", False)}
+    # The rates are this run's (the schedule sets them at every step; a CUDA-graphs run keeps them
+    # as tensors); a checkpoint from before base_lr existed resumes too.
+    rates = [{k: group[k] for k in ("lr", "base_lr") if k in group} for group in ours]
+    if len(saved["param_groups"]) != len(ours):
+        raise UserError(
+            f"the checkpoint's optimiser has {len(saved['param_groups'])} parameter groups, this stage "
+            f"{len(ours)}: resume with the stage settings it was saved with (train, lr_decay, optim)"
+        )
+    groups = [{**group, **flags, **rate} for group, rate in zip(saved["param_groups"], rates, strict=True)]
     optimizer.load_state_dict({**saved, "param_groups": groups})
     for param, state in optimizer.state.items():
         for key, value in state.items():

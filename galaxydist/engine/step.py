@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..data.augment import BatchTransform
+from .ema import EMA
 
 
 class TrainStep:
@@ -33,20 +34,26 @@ class TrainStep:
         transform: BatchTransform,
         ctx: distributed.Context,
         bf16: bool,
+        label_smoothing: float = 0.0,
+        ema: EMA | None = None,
     ) -> None:
         self.forward, self.optimizer, self.weights = forward, optimizer, class_weights
         self.transform, self.ctx, self.bf16 = transform, ctx, bf16
+        self.label_smoothing, self.ema = label_smoothing, ema
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, draws: torch.Tensor, stop: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self.ctx
         x = self.transform(images, draws)
+        labels = self.transform.targets(labels, draws)
         # No autocast cast cache: it cannot outlive a graph capture, and each weight is cast once
         # per forward anyway.
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             logits = self.forward(x)
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        losses = F.cross_entropy(
+            logits.float(), labels, reduction="none", label_smoothing=self.label_smoothing
+        )
         w = self.weights[labels]
         weighted_sum = (w * losses).sum()
         # One small collective per step: the global weight sum (the loss is normalised over the
@@ -60,6 +67,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         with torch.no_grad():
             count = (labels >= 0).sum()  # len(labels), counted on the device: no host-to-device copy
             correct = (logits.argmax(1) == labels).sum()

@@ -24,7 +24,8 @@ from ..inference.engine import logits as model_logits
 from ..metrics import accuracy, balanced_accuracy, confusion_matrix, per_class
 from ..progress import track
 from ..tracking import RunFolder, Tracker
-from .optim import OptimizerFactory, frozen_batchnorms, param_groups
+from .ema import EMA
+from .optim import OptimizerFactory, frozen_batchnorms, lr_factor, param_groups, set_lr
 from .state import EarlyStopping, Position, load_optimizer_state
 from .step import GraphedStep, StepFlags, TrainStep, seed_dropout
 
@@ -69,6 +70,7 @@ class TrainingParts:
     tracker: Tracker | None
     bf16: bool
     cuda_graphs: bool
+    ema: EMA | None = None
 
 
 class Trainer:
@@ -76,7 +78,9 @@ class Trainer:
         self, cfg: Config, ctx: distributed.Context, info: PreparedInfo, parts: TrainingParts
     ) -> None:
         self.cfg, self.ctx, self.info, self.parts = cfg, ctx, info, parts
-        self.model, self.run, self.tracker = parts.model, parts.run, parts.tracker
+        self.model, self.run, self.tracker, self.ema = parts.model, parts.run, parts.tracker, parts.ema
+        # What validation, best.pt and the final test see: the moving average when there is one.
+        self.eval_model = self.ema.model if self.ema else self.model
         self.optimizer: torch.optim.Optimizer | None = None
         self.step: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.frozen: list[nn.Module] = []  # BatchNorm layers of parameters this stage does not train
@@ -94,6 +98,8 @@ class Trainer:
             if self.optimizer is None:  # a fresh stage: best weights so far, a new optimiser
                 if pos.stage > 0:
                     self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
+                if self.ema:
+                    self.ema.reset(self.model)
                 self.start_stage(stage)
             stopper = EarlyStopping(stage.patience, **pos.stopper)
             while pos.epoch < stage.max_epochs:
@@ -108,7 +114,7 @@ class Trainer:
                     "train_acc": train_acc,
                     "val_loss": val.loss,
                     "val_acc": val.accuracy,
-                    "lr": stage.lr,
+                    "lr": float(self.optimizer.param_groups[0]["lr"]),  # the last step's (the head's)
                     "seconds": seconds,
                     "images_per_second": images / seconds,
                 }
@@ -149,6 +155,7 @@ class Trainer:
         loader = self.parts.train_loader
         for images, labels, rows in track(loader, len(loader), f"epoch {pos.epoch + 1}", ctx.is_main):
             self.act_on(pending, pos, sums, started)
+            set_lr(self.optimizer, self.lr_at(pos))
             seed_dropout(derive_seed(cfg.seed, epoch_key, pos.step, ctx.rank), ctx.device)
             draws = uniforms(cfg.seed, epoch_key, rows.numpy(), 3).astype(np.float32)
             stop = torch.full((1,), float(_stop_requested), dtype=torch.float64, device=ctx.device)
@@ -174,12 +181,17 @@ class Trainer:
         wloss, wsum, correct, n = distributed.all_reduce_sum(sums).tolist()
         return wloss / wsum, correct / n, seconds, int(n)
 
+    def lr_at(self, pos: Position) -> float:
+        """The schedule's factor for the optimiser step at `pos` (see optim.lr_factor)."""
+        steps = self.parts.train_batches.steps_per_epoch
+        return lr_factor(self.cfg.stages[pos.stage], pos.epoch * steps + pos.step, steps)
+
     def start_stage(self, stage: StageConfig, saved_state: dict[str, Any] | None = None) -> None:
         """A new optimiser over the parameters this stage trains (restored from `saved_state`
         when resuming), and the step that uses it: a captured graph refers to one optimiser's
         tensors."""
         parts = self.parts
-        groups = param_groups(self.model, stage)
+        groups = param_groups(self.model, stage, self.cfg.optim.weight_decay)
         self.frozen = frozen_batchnorms(self.model, groups)
         self.optimizer = parts.make_optimizer(groups)
         if saved_state is not None:
@@ -210,16 +222,14 @@ class Trainer:
         """Exact metrics over the whole split: each rank its unpadded shard, then a sum.
         `full_precision` turns bf16 autocast off, for numbers `galaxydist.evaluate` reproduces."""
         ctx, k, parts = self.ctx, self.info.num_classes, self.parts
-        self.model.eval()  # the bare module: no DDP buffer broadcast, no collective per batch
+        model = self.eval_model.eval()  # a bare module: no DDP buffer broadcast, no collective per batch
         cm = torch.zeros(k, k, dtype=torch.int64, device=ctx.device)
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         transform, bf16 = parts.transform, parts.bf16 and not full_precision
         for images, labels, _rows in parts.eval_loaders[split]:
             images = images.to(ctx.device, non_blocking=True)
             y = labels.to(ctx.device, non_blocking=True)
-            out = model_logits(
-                self.model, images, transform.mean, transform.std, transform.channels_last, bf16
-            )
+            out = model_logits(model, images, transform.mean, transform.std, transform.channels_last, bf16)
             w = parts.class_weights[y]
             sums += torch.stack([(w * F.cross_entropy(out, y, reduction="none")).sum(), w.sum()]).double()
             cm += confusion_matrix(y, out.argmax(1), k)
@@ -239,11 +249,15 @@ class Trainer:
 
     def save(self, name: str, pos: Position, val: Evaluation | None = None) -> None:
         path = self.run.checkpoints / name
-        optimizer = self.optimizer if name == "last.pt" else None
+        last = name == "last.pt"
+        # best.pt holds the weights evaluated (the average, with EMA); last.pt what resumes training.
+        model = self.model if last else self.eval_model
+        optimizer = self.optimizer if last else None
+        ema = self.ema.model if last and self.ema else None
 
         def write() -> None:
             state = checkpoint.training_state(
-                self.model, self.cfg.to_dict(), self.info, pos.to_dict(), optimizer, val and val.accuracy
+                model, self.cfg.to_dict(), self.info, pos.to_dict(), optimizer, val and val.accuracy, ema
             )
             checkpoint.save(state, path)
 
@@ -255,6 +269,10 @@ class Trainer:
         if resume is not None:
             path, state = resume
             self.model.load_state_dict(state["model"])
+            if self.ema:
+                self.ema.reset(self.model)
+                if "ema" in state:
+                    self.ema.model.load_state_dict(state["ema"])
             pos = Position(**state["position"])
             if "optimizer" in state and pos.stage < len(self.cfg.stages):
                 self.start_stage(self.cfg.stages[pos.stage], state["optimizer"])
@@ -269,7 +287,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Evaluate the best weights once on the untouched test split, in float32 like
         `galaxydist.evaluate`; write the summary."""
-        self.model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
+        self.eval_model.load_state_dict(checkpoint.load(self.run.checkpoints / "best.pt")["model"])
         test, val = self.evaluate("test", full_precision=True), self.evaluate("val", full_precision=True)
         names = list(self.info.class_names)
         summary = {

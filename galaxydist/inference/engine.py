@@ -18,7 +18,7 @@ from torch import nn
 from .. import checkpoint
 from ..checkpoint import ModelMeta
 from ..config import model_config
-from ..data.augment import normalise
+from ..data.augment import normalise, swap_permutation
 from ..data.format import PreparedInfo
 from ..errors import UserError
 from ..models import build_model
@@ -43,6 +43,11 @@ def load_model(
     if meta.config.get("speed", {}).get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)  # as trained: the same kernels, the same sums
     return model, meta
+
+
+def mirror_swap(meta: ModelMeta) -> list[int] | None:
+    """The checkpoint's class permutation under a mirror (None: every class is its own mirror)."""
+    return swap_permutation(meta.mirror_pairs, len(meta.class_names)) if meta.mirror_pairs else None
 
 
 def check_compatible(meta: ModelMeta, info: PreparedInfo) -> None:
@@ -101,12 +106,15 @@ def predict_proba(
     mirror: bool = True,
     batch: int = 256,
     description: str | None = "predict",
+    swap: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Softmax probabilities (N, K) for N ≥ 1 uint8 N×C×H×W images, normalised as in training.
 
     `images_uint8_nchw` is anything sliceable along N that gives arrays or tensors (a numpy array,
     a SplitImages): only one batch is in memory at a time. With `tta`, the mean of the softmax
-    over the 8 symmetries of the square. `description` labels the progress bar (None: no bar).
+    over the 8 symmetries of the square (4 rotations without `mirror`); `swap` (the class each
+    class becomes under a mirror, `augment.mirror_swap`) reads a mirrored view's probabilities
+    back as the original's. `description` labels the progress bar (None: no bar).
     """
     channels_last = is_channels_last(model)
     device = next(model.parameters()).device
@@ -119,7 +127,10 @@ def predict_proba(
         x = torch.as_tensor(np.asarray(images_uint8_nchw[start : start + batch])).to(device)
         views = list(symmetries(x, mirror)) if tta else [x]
         probs = torch.zeros((), device=device)
-        for view in views:
-            probs = probs + torch.softmax(logits(model, view, mean_t, std_t, channels_last), dim=1)
+        for i, view in enumerate(views):
+            p = torch.softmax(logits(model, view, mean_t, std_t, channels_last), dim=1)
+            if swap is not None and i >= 4:  # the mirrored half of symmetries()
+                p = p[:, list(swap)]
+            probs = probs + p
         out.append((probs / len(views)).cpu().numpy())
     return np.concatenate(out)
