@@ -31,6 +31,7 @@ CONFUSION_INCHES = (8.0, 7.0)
 CURVES_PIXELS = (round(CURVES_INCHES[0] * DPI), round(CURVES_INCHES[1] * DPI))  # (width, height)
 CONFUSION_PIXELS = (round(CONFUSION_INCHES[0] * DPI), round(CONFUSION_INCHES[1] * DPI))
 CSV_COLUMNS = ("class", "support", "accuracy", "precision", "recall", "f1")
+COMPARISON_INCHES = (9.0, 4.5)
 
 
 def _figure(inches: tuple[float, float]) -> Figure:
@@ -142,3 +143,28 @@ class Guard:
             self.failed = True
             detail = f"{type(err).__name__}: {err}".strip().splitlines()[0]
             warn(f"{self.what} failed ({detail}); {self.regardless}")
+
+
+def plot_comparison(
+    settings: Sequence[str], points: Sequence[Sequence[float]], metric: str, path: str | os.PathLike
+) -> None:
+    """One column per setting: a point per seed, the mean and its standard deviation as a bar."""
+    fig = _figure(COMPARISON_INCHES)
+    ax = fig.subplots()
+    for i, values in enumerate(points):
+        if not len(values):
+            continue
+        ax.plot([i] * len(values), values, "o", color="tab:blue", alpha=0.5, markersize=5)
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        ax.errorbar([i + 0.15], [float(np.mean(values))], yerr=[std], fmt="s", color="black", capsize=4)
+    ax.set_xticks(
+        range(len(settings)),
+        [s if len(s) < 40 else s[:37] + "…" for s in settings],
+        rotation=20,
+        ha="right",
+        fontsize=8,
+    )
+    ax.set_xlim(-0.5, len(settings) - 0.5)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)

@@ -1,7 +1,13 @@
-"""Submit a galaxydist training run to SLURM with submitit.
+"""Submit a galaxydist training run, or a sweep of them, to SLURM with submitit.
 
     python launch/submit.py --partition gpu --gpus-per-node 4 --config configs/galaxy10.yaml [key=value ...]
     python launch/submit.py --partition gpu --gpus-per-node 0 --tasks-per-node 2 --wait   # CPU ranks
+    python launch/submit.py --partition gpu --sweep seed=0,1,2 --sweep stages.0.lr=1e-3,3e-4 [--max-parallel N]
+    python launch/submit.py --cluster local --sweep seed=0,1 ...      # the same grid on this machine
+
+A sweep is ONE SLURM job array: each task its own run folder under the sweep folder (output_dir)
+and its own W&B run in one W&B group; tasks requeue and resume like single jobs; a failed task
+does not stop the others and is listed at the end (`python -m galaxydist.report SWEEP_DIR`).
 
 One task per GPU (or --tasks-per-node CPU ranks); each task exports the torch.distributed variables
 and calls galaxydist.train.main, the entry point torchrun runs. On preemption (SIGTERM) or the
@@ -17,6 +23,7 @@ import io
 import json
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python launch/submit.py` from a checkout where galaxydist is not installed
     sys.path.insert(0, str(REPO))
 
+from galaxydist import sweep  # noqa: E402
 from galaxydist.config import load_config  # noqa: E402
 from galaxydist.errors import UserError, run_cli  # noqa: E402
 
@@ -93,7 +101,15 @@ def _count(minimum: int) -> Callable[[str], int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python launch/submit.py", description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--partition", required=True)
+    add("--partition", help="the SLURM partition (required with --cluster slurm)")
+    add(
+        "--cluster",
+        choices=("slurm", "local"),
+        default="slurm",
+        help="local: run a sweep's tasks on this machine",
+    )
+    add("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis (repeat for more)")
+    add("--max-parallel", type=_count(1), help="tasks of a sweep running at once (default: all; local: 1)")
     add("--nodes", type=_count(1), default=1)
     add("--gpus-per-node", type=_count(0), default=1, help="one task per GPU; 0 for CPU ranks (gloo)")
     add("--tasks-per-node", type=_count(1), help="CPU ranks per node, with --gpus-per-node 0 (default 1)")
@@ -111,6 +127,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--wait", action="store_true", help="follow the job to its end and print the summary")
     add("overrides", nargs="*", metavar="key=value", help="config overrides, as for galaxydist.train")
     args = parser.parse_intermixed_args(argv)
+    if args.cluster == "slurm" and not args.partition:
+        raise UserError("--partition is required to submit to SLURM (or --cluster local for a sweep here)")
+    if args.cluster == "local" and not args.sweep:
+        raise UserError("--cluster local runs sweeps (--sweep KEY=V1,V2); for one run use torchrun")
     if args.gpus_per_node and args.tasks_per_node not in (None, args.gpus_per_node):
         raise UserError("--tasks-per-node: with GPUs there is one task per GPU; set --gpus-per-node instead")
     return args
@@ -213,14 +233,118 @@ def follow(job: Any) -> None:
         time.sleep(2)
 
 
+def task_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """What each task passes to galaxydist.train.main: the config pinned to an absolute path."""
+    return [*(["--config", str(Path(args.config).resolve())] if args.config else []), *overrides]
+
+
+def run_local(args: argparse.Namespace, tasks: list[sweep.Task], sweep_dir: Path) -> dict[str, str]:
+    """Each task as a torchrun (or plain) process here, --max-parallel at a time; its log in
+    SWEEP/logs/. Returns each task's status."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ranks = args.tasks_per_node or 1
+    logs = sweep_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+
+    def run(task: sweep.Task) -> str:
+        command = [
+            *(launcher if ranks > 1 else [sys.executable]),
+            "-m",
+            "galaxydist.train",
+            *task_argv(args, task.overrides),
+        ]
+        with (logs / f"{task.name}.log").open("w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        print(f"task {task.name}: {'completed' if code == 0 else f'failed (exit {code})'}", flush=True)
+        return "completed" if code == 0 else f"failed (exit {code}; see {logs / task.name}.log)"
+
+    with ThreadPoolExecutor(max_workers=args.max_parallel or 1) as pool:
+        return dict(zip((t.name for t in tasks), pool.map(run, tasks), strict=True))
+
+
+def submit_array(
+    args: argparse.Namespace, tasks: list[sweep.Task], folder: Path, params: dict[str, Any]
+) -> list[Any]:
+    """The grid as one SLURM job array (submitit's batch), throttled by --max-parallel."""
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    try:
+        executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    except RuntimeError as err:
+        raise UserError(f"cannot submit: {err} (--dry-run prints the grid without SLURM)") from None
+    array = {"array_parallelism": args.max_parallel} if args.max_parallel else {}
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in {**params, **array}.items()})
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+            jobs = [
+                executor.submit(TrainTask(task_argv(args, t.overrides), args.max_requeues)) for t in tasks
+            ]
+    except FailedJobError as err:
+        raise UserError(f"sbatch rejected the job array: {sbatch_error(err)}") from None
+    return jobs
+
+
+def array_status(tasks: list[sweep.Task], jobs: list[Any]) -> dict[str, str]:
+    """Each task's outcome once its array task has ended."""
+    from submitit.core.utils import UncompletedJobError
+
+    status = {}
+    for task, job in zip(tasks, jobs, strict=True):
+        try:
+            job.results()
+            status[task.name] = "completed"
+        except UncompletedJobError as err:
+            status[task.name] = f"failed ({job_error(err)}; see {job.paths.stderr})"
+    return status
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    sweep_dir = Path(cfg.output_dir).resolve()
+    tasks = sweep.plan(args.config, args.overrides, args.sweep, sweep_dir)  # every config checked first
+    print(f"sweep of {len(tasks)} tasks in {sweep_dir}:\n{sweep.grid_table(tasks)}", flush=True)
+    if args.dry_run:
+        if args.cluster == "slurm":
+            print(render_sbatch(sweep_dir / "slurm", sbatch_parameters(args)))
+        return 0
+    if not Path(cfg.data.path).exists():
+        raise UserError(f"{cfg.data.path}: prepared data not found (every task would fail at once)")
+    sweep.write_manifest(sweep_dir, tasks)
+    if args.cluster == "local":
+        status = run_local(args, tasks, sweep_dir)
+    else:
+        jobs = submit_array(args, tasks, sweep_dir / "slurm", sbatch_parameters(args))
+        print(f"job array:  {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks)")
+        for task, job in zip(tasks, jobs, strict=True):
+            print(f"task {task.name}: job {job.job_id}")
+        sys.stdout.flush()
+        if not args.wait:
+            return 0
+        for job in jobs:
+            follow(job)
+        status = array_status(tasks, jobs)
+    sweep.write_manifest(sweep_dir, tasks, status)
+    failed = {name: why for name, why in status.items() if why != "completed"}
+    print(
+        f"{len(tasks) - len(failed)} of {len(tasks)} tasks completed; report: python -m galaxydist.report {sweep_dir}"
+    )
+    for name, why in failed.items():
+        print(f"failed: {name}: {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sweep:
+        return run_sweep(args)
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, not in the queue
     run_folder = Path(cfg.output_dir).resolve()
     # Pin absolute paths so that the job and its requeues find the same files from any directory.
     overrides = [o for o in args.overrides if not o.startswith("output_dir=")]
-    train_argv = [*(["--config", str(Path(args.config).resolve())] if args.config else []), *overrides]
-    train_argv.append(f"output_dir={run_folder}")
+    train_argv = [*task_argv(args, overrides), f"output_dir={run_folder}"]
     folder = Path(args.log_dir).resolve() if args.log_dir else run_folder / "slurm"
     params = sbatch_parameters(args)
 

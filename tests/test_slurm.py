@@ -201,3 +201,49 @@ def test_rejected_request_is_one_clear_line(tmp_path, tiny_prepared, args, messa
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: sbatch rejected the job:") and message in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_sweep_is_one_job_array_with_a_failure_listed_and_a_preempted_task_requeued(tmp_path, tiny_prepared):
+    """2 settings × 2 seeds as one array on the real SLURM: one task fails (a run folder holding
+    another model's checkpoint), one is preempted mid-run and requeues; 3 complete run folders,
+    the failure listed by submit and by the report. The settings are 3 and 30 epochs, so that
+    the preempted task is still running when the interrupt lands."""
+    import submitit
+    from test_sweep import plant_a_checkpoint_of_another_model
+
+    sweep = tmp_path / "sweep"
+    failing, preempted = "seed=1,stages.0.max_epochs=3", "seed=0,stages.0.max_epochs=30"
+    plant_a_checkpoint_of_another_model(sweep / failing)
+    grid = ["--sweep", "seed=0,1", "--sweep", "stages.0.max_epochs=3,30", "--max-parallel", "2"]
+    recipe = tiny_overrides(
+        tiny_prepared, sweep, stages="[{name: t, lr: 0.003, max_epochs: 3, patience: 40}]"
+    )
+    cmd = [sys.executable, str(SUBMIT), *CPU_JOB, *grid, "--wait", "--max-requeues", "2", *recipe]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    jobs = {}
+    for line in proc.stdout:
+        match = re.match(r"task (\S+): job (\S+)$", line.strip())
+        if match:
+            jobs[match.group(1)] = match.group(2)
+        if len(jobs) == 4:
+            break
+    assert len(jobs) == 4, proc.stderr.read()[-2000:]
+    assert len({jid.split("_")[0] for jid in jobs.values()}) == 1  # one array
+    wait_for_epochs(sweep / preempted, 1, JOB_TIMEOUT_S)
+    task = submitit.SlurmJob(folder=sweep / "slurm", job_id=jobs[preempted], tasks=(0, 1))
+    task._interrupt()  # what a preemption sends: SIGTERM, then submitit's USR2
+    stdout, stderr = proc.communicate(timeout=JOB_TIMEOUT_S)
+    assert proc.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    assert "3 of 4 tasks completed" in stdout
+    assert f"failed: {failing}" in stderr
+    done = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
+    assert done == sorted(set(jobs) - {failing})
+    log = task.paths.stdout.read_text()
+    assert "Requeued job" in log, f"the task ended before the interrupt landed:\n{log[-2000:]}"
+    assert re.search(r"resuming from .*last\.pt", log), log[-2000:]
+    assert [r["epoch"] for r in read_metrics(sweep / preempted)] == list(range(30))  # none redone or lost
+    result = subprocess.run(
+        [sys.executable, "-m", "galaxydist.report", str(sweep)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{failing}: failed" in (sweep / "report.md").read_text()

@@ -1,0 +1,181 @@
+"""Compare runs: a table with one row per setting (mean ± std and n over seeds) and a picture.
+
+    python -m galaxydist.report SWEEP_OR_RUN_DIRS... [--out DIR]
+
+Each folder is a run folder (it holds summary.json), a sweep folder (sweep.json lists its tasks,
+with the failed ones), or any folder of run folders. A setting is what differs between the
+runs' configs apart from seed, output_dir and tracking; runs of one setting are its seeds.
+Writes report.md, report.csv and report.png (default: in the first folder given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .atomic import atomic_path, check_can_create
+from .errors import UserError, run_cli
+from .metrics import balanced_accuracy
+from .reports import Guard, plot_comparison
+from .sweep import read_manifest
+
+IGNORED = ("seed", "output_dir", "tracking.")
+METRICS = (
+    ("test_accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced"),
+    ("epochs", "epochs"),
+    ("seconds", "wall s"),
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    folder: Path
+    config: dict[str, Any]  # flattened: dotted key → value
+    values: dict[str, float]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as dotted keys, as overrides name them: stages.0.lr, model.channels."""
+    if isinstance(tree, dict) or (isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree)):
+        out: dict[str, Any] = {}
+        for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else tree}
+
+
+def read_run(folder: Path) -> Run:
+    summary = json.loads((folder / "summary.json").read_text())
+    config = (
+        yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
+    )
+    metrics_path = folder / "metrics.jsonl"
+    records = (
+        [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if metrics_path.is_file()
+        else []
+    )
+    values = {
+        "test_accuracy": float(summary["test_accuracy"]),
+        "balanced_accuracy": balanced_accuracy(np.asarray(summary["test_confusion"])),
+        "epochs": float(len(records)),
+        "seconds": float(sum(r.get("seconds", 0.0) for r in records)),
+    }
+    return Run(folder, flatten(config), values)
+
+
+def collect(folders: list[Path]) -> tuple[list[Run], list[tuple[str, str]]]:
+    """The finished runs under `folders`, and the failed or unfinished tasks of any sweep."""
+    runs, failed = [], []
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{folder}: not a folder")
+        if (folder / "summary.json").is_file():
+            runs.append(read_run(folder))
+            continue
+        manifest = read_manifest(folder)
+        candidates = [folder / t["name"] for t in manifest["tasks"]] if manifest else sorted(folder.iterdir())
+        for candidate in candidates:
+            if (candidate / "summary.json").is_file():
+                runs.append(read_run(candidate))
+            elif manifest:
+                status = next(t["status"] for t in manifest["tasks"] if t["name"] == candidate.name)
+                failed.append((candidate.name, status if status != "completed" else "no summary.json"))
+    if not runs:
+        raise UserError(f"{', '.join(map(str, folders))}: no finished run (no summary.json) to report")
+    return runs, failed
+
+
+def setting_of(run: Run, varying: list[str]) -> str:
+    return ", ".join(f"{key}={run.config.get(key)}" for key in varying) or "(one setting)"
+
+
+def compare(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per setting: n, and mean and std over its runs of every metric."""
+    keys = sorted({k for r in runs for k in r.config if not k.startswith(IGNORED)})
+    varying = [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(setting_of(run, varying), []).append(run)
+    rows = []
+    for setting, members in groups.items():
+        row: dict[str, Any] = {
+            "setting": setting,
+            "n": len(members),
+            "seeds": [m.config.get("seed") for m in members],
+        }
+        for metric, _ in METRICS:
+            values = np.array([m.values[metric] for m in members])
+            row[metric] = values.tolist()
+            row[f"{metric}_mean"] = float(values.mean())
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], failed: list[tuple[str, str]]) -> str:
+    head = "| setting | n | " + " | ".join(label for _, label in METRICS) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(METRICS)]
+    for row in rows:
+        cells = []
+        for metric, _ in METRICS:
+            digits = 4 if metric.endswith("accuracy") else 1
+            cells.append(f"{row[f'{metric}_mean']:.{digits}f} ± {row[f'{metric}_std']:.{digits}f}")
+        lines.append(f"| {row['setting']} | {row['n']} | " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", f"Failed or unfinished ({len(failed)}):"] + [f"- {name}: {why}" for name, why in failed]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    text = io.StringIO()
+    columns = ["setting", "n"] + [f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")]
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row[c] if not isinstance(row[c], float) else f"{row[c]:.6f}" for c in columns])
+    return text.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m galaxydist.report", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, metavar="SWEEP_OR_RUN_DIR")
+    parser.add_argument("--out", type=Path, help="where report.md/.csv/.png go (default: the first folder)")
+    args = parser.parse_args(argv)
+    runs, failed = collect(args.folders)
+    out = args.out or args.folders[0]
+    check_can_create(out / "report.md")
+    rows = compare(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, failed)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(table)
+    with atomic_path(out / "report.csv") as tmp:
+        tmp.write_text(to_csv(rows))
+    Guard("drawing report.png", "the tables are written regardless").run(
+        plot_comparison,
+        [r["setting"] for r in rows],
+        [r["test_accuracy"] for r in rows],
+        "test accuracy",
+        out / "report.png",
+    )
+    print(table.rstrip())
+    print(f"{len(runs)} runs, {len(rows)} settings — report in {out}")
+    return 0
+
+
+def cli() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

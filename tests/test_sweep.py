@@ -1,0 +1,126 @@
+"""Sweeps through launch/submit.py --cluster local, and the comparison report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_overrides
+
+from galaxydist.models.cnn import GalaxyCNN
+from galaxydist.sweep import parse_sweeps, split_values
+
+SUBMIT = ROOT / "launch" / "submit.py"
+TWO_EPOCHS = "[{name: t, lr: 0.003, max_epochs: 2, patience: 5}]"
+GRID = ["--sweep", "seed=0,1", "--sweep", "stages.0.lr=0.003,0.001"]
+
+
+def submit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SUBMIT), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "galaxydist.report", *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def plant_a_checkpoint_of_another_model(run: Path) -> None:
+    """A run folder whose last.pt is for another model: that task fails with exit 2 at its start."""
+    (run / "checkpoints").mkdir(parents=True)
+    state = {
+        "model": GalaxyCNN([4], 10).state_dict(),
+        "config": {"model": {"channels": [4]}},
+        "class_names": [],
+    }
+    torch.save(state, run / "checkpoints" / "last.pt")
+
+
+def test_values_split_at_top_level_commas_only():
+    assert split_values("1,2,[3,4],{a: 1, b: 2}") == ["1", "2", "[3,4]", "{a: 1, b: 2}"]
+    assert parse_sweeps(["seed=0,1", "model.channels=[8,8],[16,16]"]) == {
+        "seed": [0, 1],
+        "model.channels": [[8, 8], [16, 16]],
+    }
+
+
+def test_a_local_sweep_with_one_failing_task_runs_the_others_and_reports_the_failure(tiny_prepared, tmp_path):
+    sweep = tmp_path / "sweep"
+    plant_a_checkpoint_of_another_model(sweep / "seed=1,stages.0.lr=0.001")
+    overrides = tiny_overrides(tiny_prepared, sweep, stages=TWO_EPOCHS)
+    proc = submit("--cluster", "local", "--max-parallel", "2", *GRID, *overrides)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "3 of 4 tasks completed" in proc.stdout
+    assert "failed: seed=1,stages.0.lr=0.001: failed (exit 2" in proc.stderr
+    done = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
+    assert done == ["seed=0,stages.0.lr=0.001", "seed=0,stages.0.lr=0.003", "seed=1,stages.0.lr=0.003"]
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    assert [t["status"].split(" ")[0] for t in manifest["tasks"]] == ["completed"] * 3 + ["failed"]
+    configs = [(sweep / name / "config.yaml").read_text() for name in done]
+    assert all(f"group: {sweep.name}" in c for c in configs)  # one W&B group for the sweep
+
+    result = report(str(sweep))
+    assert result.returncode == 0, result.stderr
+    table = (sweep / "report.md").read_text()
+    assert "| stages.0.lr=0.003 | 2 |" in table and "| stages.0.lr=0.001 | 1 |" in table
+    assert "seed=1,stages.0.lr=0.001: failed (exit 2" in table
+    rows = (sweep / "report.csv").read_text().splitlines()
+    assert rows[0].startswith("setting,n,test_accuracy_mean,test_accuracy_std") and len(rows) == 3
+    accuracies = [json.loads((sweep / n / "summary.json").read_text())["test_accuracy"] for n in done]
+    mean_003 = (accuracies[1] + accuracies[2]) / 2
+    assert f"{mean_003:.4f} ±" in table
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dry_run_prints_the_grid_and_runs_nothing(tiny_prepared, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = submit("--cluster", "local", "--dry-run", *GRID, *tiny_overrides(tiny_prepared, sweep))
+    assert proc.returncode == 0, proc.stderr
+    assert "sweep of 4 tasks" in proc.stdout and "| seed=1,stages.0.lr=0.001 | 1 | 0.001 |" in proc.stdout
+    assert not sweep.exists()
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ("stages.0.lrate=1,2", "unknown config key 'stages.0.lrate'"),
+        ("data.batch_size=32,big", "config key 'data.batch_size': expected int, got 'big'"),
+        ("seed=", "--sweep seed: an empty list of values"),
+        ("augment.mirror_swap=[[1,1]]", "must pair two different classes"),
+    ],
+)
+def test_bad_sweep_is_one_line_exit_2_nothing_submitted(tiny_prepared, tmp_path, sweep, message):
+    out = tmp_path / "sweep"
+    proc = submit("--cluster", "local", "--sweep", sweep, *tiny_overrides(tiny_prepared, out))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not out.exists()
+
+
+def test_report_compares_ordinary_run_folders_too(tiny_prepared, tmp_path):
+    from conftest import run_train
+
+    for name, dropout in (("a", 0.0), ("b", 0.2)):
+        result = run_train(
+            0,
+            tiny_overrides(
+                tiny_prepared, tmp_path / name, **{"model.dropout": dropout, "stages": TWO_EPOCHS}
+            ),
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "cmp"
+    result = report(str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    table = (out / "report.md").read_text()
+    assert "| model.dropout=0.0 | 1 |" in table and "| model.dropout=0.2 | 1 |" in table
+
+
+def test_report_of_a_folder_without_runs_is_one_line_exit_2(tmp_path):
+    result = report(str(tmp_path))
+    assert result.returncode == 2 and "no finished run" in result.stderr
