@@ -31,9 +31,11 @@ IGNORED = ("seed", "output_dir", "tracking.")
 METRICS = (
     ("test_accuracy", "accuracy"),
     ("balanced_accuracy", "balanced"),
+    ("winding", "winding"),
     ("epochs", "epochs"),
     ("seconds", "wall s"),
 )
+WINDINGS = ("Clockwise spiral", "Anticlockwise spiral")  # Galaxy Zoo 1's chiral pair
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,25 @@ def read_run(folder: Path) -> Run:
         if metrics_path.is_file()
         else []
     )
+    confusion = np.asarray(summary["test_confusion"])
     values = {
         "test_accuracy": float(summary["test_accuracy"]),
-        "balanced_accuracy": balanced_accuracy(np.asarray(summary["test_confusion"])),
+        "balanced_accuracy": balanced_accuracy(confusion),
+        "winding": winding(confusion, summary.get("class_names", [])),
         "epochs": float(len(records)),
         "seconds": float(sum(r.get("seconds", 0.0) for r in records)),
     }
     return Run(folder, flatten(config), values)
+
+
+def winding(confusion: np.ndarray, class_names: list[str]) -> float:
+    """Of the spirals whose true and predicted classes are both a winding (clockwise or
+    anticlockwise), the share with the right one; NaN where the classes have no such pair."""
+    if not all(name in class_names for name in WINDINGS):
+        return float("nan")
+    a, b = (class_names.index(name) for name in WINDINGS)
+    found = confusion[np.ix_([a, b], [a, b])]
+    return float(np.trace(found) / found.sum()) if found.sum() else float("nan")
 
 
 def collect(folders: list[Path]) -> tuple[list[Run], list[tuple[str, str]]]:
@@ -122,13 +136,19 @@ def compare(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+def shown(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The metrics some run has (winding only where the classes have a chiral pair)."""
+    return [m for m in METRICS if not all(np.isnan(row[f"{m[0]}_mean"]) for row in rows)]
+
+
 def markdown(rows: list[dict[str, Any]], failed: list[tuple[str, str]]) -> str:
-    head = "| setting | n | " + " | ".join(label for _, label in METRICS) + " |"
-    lines = [head, "|---|---:|" + "---:|" * len(METRICS)]
+    metrics = shown(rows)
+    head = "| setting | n | " + " | ".join(label for _, label in metrics) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(metrics)]
     for row in rows:
         cells = []
-        for metric, _ in METRICS:
-            digits = 4 if metric.endswith("accuracy") else 1
+        for metric, _ in metrics:
+            digits = 1 if metric in ("epochs", "seconds") else 4
             cells.append(f"{row[f'{metric}_mean']:.{digits}f} ± {row[f'{metric}_std']:.{digits}f}")
         lines.append(f"| {row['setting']} | {row['n']} | " + " | ".join(cells) + " |")
     if failed:
@@ -138,7 +158,7 @@ def markdown(rows: list[dict[str, Any]], failed: list[tuple[str, str]]) -> str:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     text = io.StringIO()
-    columns = ["setting", "n"] + [f"{m}_{s}" for m, _ in METRICS for s in ("mean", "std")]
+    columns = ["setting", "n"] + [f"{m}_{s}" for m, _ in shown(rows) for s in ("mean", "std")]
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:

@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         build_trainer(cfg, ctx, info, model).fit(resume)
         together = True
         return 0
-    except Interrupted:
+    except Interrupted as err:
         together = True
-        print(f"rank {ctx.rank}: stopped by signal; last.pt saved, run again to resume", file=sys.stderr)
+        print(
+            f"rank {ctx.rank}: stopped by signal at {err}; last.pt saved, run again to resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except NonFiniteLoss as err:
         together = True

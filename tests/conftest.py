@@ -21,6 +21,37 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def require(condition: bool, reason: str) -> None:
+    """Skip a test whose prerequisite is missing here; under CI (env CI set) fail instead: CI must
+    run every test but the CUDA ones, not skip them silently."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}: CI must run this test")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data (real images): skipped on a user's machine without it, required in CI."""
+    require(SHARED_DATA.exists(), "../shared/data is not present")
+    return SHARED_DATA
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many tests of each kind (test file) passed, failed or skipped: CI's log shows what ran."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            kind = report.nodeid.split("::")[0].removeprefix("tests/")
+            counts.setdefault(kind, {}).setdefault(outcome, 0)
+            counts[kind][outcome] += 1
+    terminalreporter.write_sep("-", "tests by kind")
+    for kind in sorted(counts):
+        line = ", ".join(f"{n} {outcome}" for outcome, n in counts[kind].items())
+        terminalreporter.write_line(f"{kind}: {line}")
+
+
 @pytest.fixture(scope="session")
 def raw_small(tmp_path_factory) -> Path:
     """A synthetic Galaxy10-format file: 600 images of 48×48."""

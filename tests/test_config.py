@@ -85,8 +85,28 @@ def test_unknown_key_in_yaml_file(tmp_path):
         load_config(path)
 
 
-def test_defaults_match_dataclass():
-    assert Config().stages[1].name == "finetune"
+def test_defaults_match_the_packaged_baseline_recipe():
+    """The dataclass defaults are the packaged configs/galaxy10.yaml, key for key: every key the
+    file sets has the default's value, and loading it gives exactly Config()."""
+    from galaxydist.config import default_config_path
+
+    assert load_config(None).to_dict() == Config().to_dict()
+    assert default_config_path().read_text() == (ROOT / "configs" / "galaxy10.yaml").read_text()
+    written = yaml.safe_load(default_config_path().read_text())
+    defaults = Config().to_dict()
+
+    def check(value, default, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check(v, default[k], f"{key}.{k}")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            assert len(value) == len(default), key
+            for i, (v, d) in enumerate(zip(value, default, strict=True)):
+                check(v, d, f"{key}.{i}")
+        else:
+            assert value == default, key
+
+    check(written, defaults, "config")
 
 
 def test_train_cli_bad_config_exits_2_and_writes_nothing(tmp_path):

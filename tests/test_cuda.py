@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -87,6 +88,8 @@ def test_trainer_with_cuda_graphs_matches_eager(tmp_path, tiny_prepared, data):
         result = run_train(0, [*common, f"output_dir={out}", f"speed.cuda_graphs={graphs}"])
         assert result.returncode == 0, result.stderr[-3000:]
         runs[graphs] = read_metrics(out)
+        captured = json.loads((out / "summary.json").read_text())["cuda_graph_captured"]
+        assert captured is (graphs == "true")  # the graphed run really replayed a captured step
     assert len(runs["true"]) == len(runs["false"]) == 3
     for graphed, eager in zip(runs["true"], runs["false"], strict=True):
         assert graphed["train_loss"] == pytest.approx(eager["train_loss"], rel=2e-2)

@@ -222,3 +222,41 @@ def test_tta_keeps_handedness_when_training_kept_it():
     mirrored = x.flip(3)
     assert not any(torch.equal(v, mirrored) for v in rotations)
     assert any(torch.equal(v, mirrored) for v in all_views)
+
+
+def test_evaluate_and_predict_skip_mirrors_for_a_model_trained_without_flips(tiny_prepared, tmp_path):
+    """Through the commands: a model trained with flips off gets TTA over the 4 rotations only
+    (what a clockwise/anticlockwise classifier needs), not the 8 symmetries."""
+    from conftest import run_train, tiny_overrides
+
+    run = tmp_path / "chiral"
+    stages = "[{name: t, lr: 0.003, max_epochs: 1, patience: 5}]"
+    flips_off = {"augment.hflip": 0.0, "augment.vflip": 0.0, "stages": stages}
+    assert run_train(0, tiny_overrides(tiny_prepared, run, **flips_off)).returncode == 0
+    model, meta = load_model(run, torch.device("cpu"))
+    info = read_prepared(tiny_prepared)
+    images = SplitImages(info, "test")[:]
+    rotations = predict_proba(model, images, meta.mean, meta.std, tta=True, mirror=False, description=None)
+    everything = predict_proba(model, images, meta.mean, meta.std, tta=True, mirror=True, description=None)
+    assert np.abs(rotations - everything).max() > 1e-4  # mirrors would change the numbers
+
+    out = tmp_path / "preds.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "galaxydist.predict", str(run), str(tiny_prepared), "--tta", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    probs = np.array([[float(r[f"p_{name}"]) for name in meta.class_names] for r in rows])
+    all_images = np.asarray(h5py.File(tiny_prepared)["images"]).transpose(0, 3, 1, 2)
+    expected = predict_proba(model, all_images, meta.mean, meta.std, tta=True, mirror=False, description=None)
+    np.testing.assert_allclose(probs, expected, atol=2e-6)
+
+    report = evaluate.evaluate(run, "test", tta=True, out=str(tmp_path / "eval"))
+    labels = info.labels[info.splits["test"]]
+    assert (
+        report["tta"]["confusion"]
+        == np.bincount(labels * info.num_classes + rotations.argmax(1), minlength=info.num_classes**2)
+        .reshape(info.num_classes, -1)
+        .tolist()
+    )

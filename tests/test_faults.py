@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,15 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import read_metrics, reference_overrides, run_train, tiny_overrides, wait_for, wait_for_epochs
+from conftest import (
+    read_metrics,
+    reference_overrides,
+    require,
+    run_train,
+    tiny_overrides,
+    wait_for,
+    wait_for_epochs,
+)
 from test_train import HELPERS, assert_same_run, start_torchrun, torchrun_script, workers_of
 
 from galaxydist import checkpoint
@@ -34,8 +43,11 @@ def test_kill_9_of_one_worker_restarts_and_ends_like_an_undisturbed_run(
     wait_for_epochs(run, 2)
     victim = workers_of(proc)[-1]
     victim.kill()
-    _, stderr = proc.communicate(timeout=300)
+    stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
+    # The restarted group resumed from last.pt (at an epoch start) rather than training afresh.
+    resumed = re.search(r"resuming from \S+last\.pt at stage 0 epoch (\d+) step 0", stdout)
+    assert resumed and int(resumed.group(1)) >= 2, stdout[-2000:]
     assert_same_run(reference_run, run)
 
 
@@ -58,6 +70,22 @@ def test_exception_on_one_rank_ends_every_rank_within_the_collective_timeout(tin
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
     assert elapsed < timeout_s + 30, elapsed
+    assert leftover_processes(str(run)) == []
+
+
+def test_a_hung_rank_ends_every_rank_within_the_collective_timeout(tiny_prepared, tmp_path):
+    """Rank 1 stays alive but never reaches its next collective: rank 0's all-reduce fails after
+    distributed.timeout_s (not sooner: nothing else tells it), torchrun ends the hung rank, no
+    process is left. Without the timeout this would hang until the test's own limit."""
+    run = tmp_path / "hang"
+    timeout_s = 15
+    args = tiny_overrides(tiny_prepared, run, **{"distributed.timeout_s": timeout_s})
+    started = time.monotonic()
+    result = torchrun_script(2, HELPERS / "patched_train.py", ["hang", "1", "3", "--", *args], timeout=180)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "rank 1 hangs at step 3" in result.stderr
+    assert timeout_s <= elapsed < timeout_s + 40, elapsed
     assert leftover_processes(str(run)) == []
 
 
@@ -276,8 +304,8 @@ def test_unwritable_output_folder_fails_before_training(tiny_prepared, tmp_path)
 def tiny_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode == 0
+    require(mounted, "cannot mount a tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
 
@@ -392,6 +420,7 @@ def test_batch_not_divisible_by_world_size(tiny_prepared, tmp_path):
     out = tmp_path / "run"
     result = run_train(2, tiny_overrides(tiny_prepared, out, **{"data.batch_size": 33}))
     assert result.returncode != 0
+    assert "exitcode  : 2" in result.stderr  # bad input, as documented
     assert (
         result.stderr.count(
             "error: config key 'data.batch_size': global batch 33 does not divide over 2 ranks"
@@ -406,6 +435,7 @@ def test_world_size_larger_than_a_split(tmp_path):
     data = two_image_splits(tmp_path)
     result = run_train(3, tiny_overrides(data, out, **{"data.batch_size": 3}))
     assert result.returncode != 0
+    assert "exitcode  : 2" in result.stderr
     assert result.stderr.count("split 'train' has 2 images, fewer than the 3 ranks") == 3
     assert not out.exists()
 

@@ -339,7 +339,7 @@ def test_missing_image_through_the_real_cli(images, tmp_path):
 
 # --- real images (../shared/data): skipped where absent, run in CI ---------------------------
 
-needs_shared = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is not present")
+needs_shared = pytest.mark.usefixtures("shared_data")  # skipped where absent, required in CI
 
 # Per class: all of "Don't know" (56); 100 of the others (150 Elliptical): 606 images.
 GZ1_SUBSET = {0: 150, 1: 100, 2: 100, 3: 100, 4: 56, 5: 100}

@@ -269,3 +269,22 @@ def test_layers_cover_every_parameter_once():
 def test_user_error_type_is_what_a_bad_family_raises():
     with pytest.raises(UserError, match="is not C<N> or D<N>"):
         build_model(ModelConfig(name="e2cnn", group="X"), 3)
+
+
+def test_keyed_dropout_masks_follow_the_sample_not_the_batch():
+    from galaxydist.models.dropout import KeyedDropout
+
+    layer = KeyedDropout(0.3).train()
+    x = torch.ones(6, 1000)
+    layer.keys = torch.tensor([11, 22, 33, 44, 55, 66])
+    whole = layer(x)
+    layer.keys = torch.tensor([44, 55, 66])
+    half = layer(x[:3])
+    torch.testing.assert_close(half, whole[3:])  # the same samples lose the same units
+    kept = (whole > 0).float().mean().item()
+    assert 0.65 < kept < 0.75 and torch.allclose(whole[whole > 0], torch.tensor(1 / 0.7))
+    assert not torch.equal(whole[0] > 0, whole[1] > 0)  # masks differ between samples
+    other = KeyedDropout(0.3).train()
+    other.keys, other.salt = layer.keys, 1
+    assert not torch.equal(other(x[:3]), half)  # and between layers
+    assert torch.equal(layer.eval()(x), x)

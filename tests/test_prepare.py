@@ -108,7 +108,7 @@ def test_damaged_chunk_read_by_a_worker_is_one_clear_error(tmp_path, monkeypatch
     assert not dst.parent.exists() or list(dst.parent.iterdir()) == []
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is not present")
+@pytest.mark.usefixtures("shared_data")
 def test_prepare_real_galaxy10_sample(tmp_path):
     src = SHARED_DATA / "galaxy10-decals-sample" / "Galaxy10_DECals_sample120.h5"
     dst = tmp_path / "sample.h5"

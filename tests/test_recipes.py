@@ -129,7 +129,7 @@ def test_label_smoothing_enters_the_training_loss():
     for smoothing in (0.0, 0.2):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         step = TrainStep(model, optimizer, torch.ones(3), transform, ctx, False, smoothing)
-        sums[smoothing] = step(images, labels, draws, stop)[1][0].item()
+        sums[smoothing] = step(images, labels, draws, torch.zeros(4, dtype=torch.int64), stop)[1][0].item()
     logits = model(images.float() / 255)
     expected = torch.nn.functional.cross_entropy(logits, labels, reduction="sum", label_smoothing=0.2).item()
     assert sums[0.2] == pytest.approx(expected, rel=1e-5) and sums[0.2] != pytest.approx(sums[0.0])

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,25 @@ def test_sweep_is_one_job_array_with_a_failure_listed_and_a_preempted_task_reque
     )
     assert result.returncode == 0, result.stderr
     assert f"{failing}: failed" in (sweep / "report.md").read_text()
+
+
+def test_a_rank_dying_in_a_submitted_job_ends_the_job_long_before_the_collective_timeout(
+    tmp_path, tiny_prepared
+):
+    """One task per rank, rank 1 raises: srun --kill-on-bad-exit=1 ends rank 0 at once, not
+    distributed.timeout_s later."""
+    out = tmp_path / "run"
+    timeout_s = 240
+    helper = ROOT / "tests" / "helpers" / "submit_with_a_failing_rank.py"
+    args = [*CPU_JOB, "--wait", *overrides(tiny_prepared, out), f"distributed.timeout_s={timeout_s}"]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(helper), *args], capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=ROOT
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "did not complete" in proc.stderr
+    jid = job_id(proc.stdout)
+    logs = "".join(p.read_text() for p in (out / "slurm").glob(f"{jid}_*_log.err"))
+    assert "injected failure on rank 1" in logs
+    assert elapsed < timeout_s / 2, elapsed  # ended by SLURM, not by the collective's timeout

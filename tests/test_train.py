@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -54,12 +55,15 @@ def assert_same_state(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-5) 
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def test_two_ranks_of_32_equal_one_rank_of_64(tiny_prepared, tmp_path):
-    """SyncBatchNorm's CPU twin, global loss normalisation and sample order: same parameters."""
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_two_ranks_of_32_equal_one_rank_of_64(tiny_prepared, tmp_path, dropout):
+    """SyncBatchNorm's CPU twin, global loss normalisation, sample order and per-sample dropout
+    masks: same parameters."""
     overrides = lambda out: tiny_overrides(  # noqa: E731
         tiny_prepared,
         out,
         **{
+            "model.dropout": dropout,
             "data.batch_size": 64,
             "stages": "[{name: t, lr: 0.003, max_epochs: 2, patience: 5}]",
             "distributed.exact_batchnorm": "true",  # the one process sums as the ranks do
@@ -161,6 +165,7 @@ def test_nan_on_one_rank_stops_every_rank_with_a_message(tiny_prepared, tmp_path
         2, HELPERS / "patched_train.py", ["nan", "1", str(steps_per_epoch + 2), "--", *args]
     )
     assert result.returncode != 0
+    assert "exitcode  : 3" in result.stderr  # EXIT_NONFINITE, as documented
     assert "non-finite loss on rank 1 at stage 0 epoch 1 step 2" in result.stderr
     # Every rank stopped on that message (none hung or crashed elsewhere).
     assert result.stderr.count("non-finite loss on rank 1") == 2
@@ -213,11 +218,35 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(
         worker.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert time.monotonic() - started < 30  # every rank left within seconds
-    assert stderr.count("stopped by signal; last.pt saved") == 2, stderr[-3000:]
+    assert (
+        len(set(re.findall(r"stopped by signal at (stage \d+ epoch \d+ step \d+); last.pt saved", stderr)))
+        == 1
+    )
+    assert stderr.count("stopped by signal at") == 2, stderr[-3000:]
     assert "exitcode  : 75" in stderr  # EXIT_INTERRUPTED, as documented
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["position"]
     assert (stopped["stage"], stopped["epoch"]) < (1, 0)  # it really stopped before the end
 
+    resumed = run_train(2, args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert_same_run(reference_run, run)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_on_the_same_step(tiny_prepared, reference_run, tmp_path):
+    """SIGTERM to rank 1 alone: the stop flag rides the step's all-reduce, so rank 0 stops on the
+    same step, both exit 75, and the same command resumes exactly."""
+    run = tmp_path / "resumed"
+    args = reference_overrides(tiny_prepared, run)
+    proc = start_torchrun(args)
+    wait_for_epochs(run, 2)
+    (rank1,) = [w for w in workers_of(proc) if w.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    positions = re.findall(r"rank (\d): stopped by signal at (stage \d+ epoch \d+ step \d+)", stderr)
+    assert sorted(rank for rank, _ in positions) == ["0", "1"], stderr[-3000:]
+    assert len({position for _, position in positions}) == 1  # the same step on both ranks
+    assert "exitcode  : 75" in stderr
     resumed = run_train(2, args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout

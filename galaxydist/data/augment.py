@@ -79,6 +79,13 @@ def swap_permutation(pairs: list[list[int]], num_classes: int) -> list[int]:
     return perm
 
 
+def sample_keys(seed: int, epoch: int, rows: np.ndarray) -> np.ndarray:
+    """A 31-bit int64 key per row, a pure function of (seed, epoch, row), apart from the
+    augmentation's own draws: what keyed dropout hashes its masks from."""
+    draws = uniforms(seed ^ 0x5EED, epoch, rows, 1)[:, 0]
+    return (draws * 2**31).astype(np.int64)
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of `parts` (for per-step torch RNG, e.g. dropout)."""
     x = np.uint64(0)

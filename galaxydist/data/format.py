@@ -51,7 +51,8 @@ class PreparedInfo:
 
 
 def read_prepared(path: str | os.PathLike) -> PreparedInfo:
-    """Open and check a prepared file: format version, contiguous layout, size on disk."""
+    """Open and check a prepared file: format version, contiguous layout, shapes. A truncated
+    file is refused by HDF5 itself at open (its end-of-file check)."""
     path = str(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: prepared data file not found (make it with `python -m galaxydist.prepare`)")
@@ -72,9 +73,6 @@ def read_prepared(path: str | os.PathLike) -> PreparedInfo:
         if offset is None:
             raise UserError(f"{path}: 'images' was never written")
         shape = tuple(int(s) for s in images.shape)
-        end = offset + int(np.prod(shape))
-        if os.path.getsize(path) < end:
-            raise UserError(f"{path}: truncated ({os.path.getsize(path)} bytes, images end at {end})")
         labels = f["labels"][()].astype(np.int64)
         splits = {name: f["splits"][name][()].astype(np.int64) for name in SPLITS}
         class_names = tuple(str(n) for n in f.attrs["class_names"])

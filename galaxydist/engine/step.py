@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..data.augment import BatchTransform
+from ..models.dropout import keyed_dropouts
 from .ema import EMA
 
 
@@ -40,11 +41,19 @@ class TrainStep:
         self.forward, self.optimizer, self.weights = forward, optimizer, class_weights
         self.transform, self.ctx, self.bf16 = transform, ctx, bf16
         self.label_smoothing, self.ema = label_smoothing, ema
+        self.dropouts = keyed_dropouts(forward) if isinstance(forward, torch.nn.Module) else []
+        self.keys: torch.Tensor | None = None  # one tensor the dropout layers keep reading
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, draws: torch.Tensor, stop: torch.Tensor
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        draws: torch.Tensor,
+        keys: torch.Tensor,
+        stop: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self.ctx
+        self.share_keys(keys)
         x = self.transform(images, draws)
         labels = self.transform.targets(labels, draws)
         # No autocast cast cache: it cannot outlive a graph capture, and each weight is cast once
@@ -73,6 +82,16 @@ class TrainStep:
             count = (labels >= 0).sum()  # len(labels), counted on the device: no host-to-device copy
             correct = (logits.argmax(1) == labels).sum()
             return flags, torch.stack([weighted_sum.detach(), w.sum(), correct, count]).double()
+
+    def share_keys(self, keys: torch.Tensor) -> None:
+        """The batch's per-sample dropout keys into the one tensor every KeyedDropout reads (the
+        same tensor at every step: a compiled or captured step sees no new attribute)."""
+        if self.keys is None or self.keys.shape != keys.shape:
+            self.keys = keys.clone()
+            for layer in self.dropouts:
+                layer.keys = self.keys
+        else:
+            self.keys.copy_(keys)
 
 
 class StepFlags:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import checkpoint, distributed
 from ..config import Config, StageConfig
-from ..data.augment import BatchTransform, derive_seed, uniforms
+from ..data.augment import BatchTransform, derive_seed, sample_keys, uniforms
 from ..data.dataset import host_to_device
 from ..data.format import PreparedInfo
 from ..data.samplers import TrainBatches
@@ -84,6 +84,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.step: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.frozen: list[nn.Module] = []  # BatchNorm layers of parameters this stage does not train
+        self.captured_graph = False  # whether any training step was replayed as a CUDA graph
 
     # --- the run, top to bottom -------------------------------------------------------------
     def fit(self, resume: tuple[Path, dict] | None = None) -> dict[str, Any]:
@@ -114,6 +115,7 @@ class Trainer:
                     "train_acc": train_acc,
                     "val_loss": val.loss,
                     "val_acc": val.accuracy,
+                    "val_balanced_acc": balanced_accuracy(val.confusion),
                     "lr": float(self.optimizer.param_groups[0]["lr"]),  # the last step's (the head's)
                     "seconds": seconds,
                     "images_per_second": images / seconds,
@@ -158,6 +160,7 @@ class Trainer:
             set_lr(self.optimizer, self.lr_at(pos))
             seed_dropout(derive_seed(cfg.seed, epoch_key, pos.step, ctx.rank), ctx.device)
             draws = uniforms(cfg.seed, epoch_key, rows.numpy(), 3).astype(np.float32)
+            keys = sample_keys(cfg.seed, epoch_key, rows.numpy())  # dropout masks, per sample
             stop = torch.full((1,), float(_stop_requested), dtype=torch.float64, device=ctx.device)
             # Under CUDA graphs, flags and step_sums are the graph's static outputs: the next step
             # overwrites them, so both are consumed (queued on the stream) right here.
@@ -165,6 +168,7 @@ class Trainer:
                 images.to(ctx.device, non_blocking=True),
                 labels.to(ctx.device, non_blocking=True),
                 host_to_device(torch.from_numpy(draws), ctx.device),
+                host_to_device(torch.from_numpy(keys), ctx.device),
                 stop,
             )
             pending = StepFlags(flags, pos.step)
@@ -196,6 +200,8 @@ class Trainer:
         self.optimizer = parts.make_optimizer(groups)
         if saved_state is not None:
             load_optimizer_state(self.optimizer, saved_state)
+        if isinstance(self.step, GraphedStep):
+            self.captured_graph |= self.step.graph is not None
         step = TrainStep(
             parts.forward, self.optimizer, parts.class_weights, parts.transform, self.ctx, parts.bf16
         )
@@ -215,7 +221,7 @@ class Trainer:
         if stop:
             pos.interrupt(distributed.all_reduce_sum(sums.clone()).tolist(), time.perf_counter() - started)
             self.save("last.pt", pos)
-            raise Interrupted
+            raise Interrupted(f"stage {pos.stage} epoch {pos.epoch} step {pos.step}")
 
     @torch.no_grad()
     def evaluate(self, split: str, full_precision: bool = False) -> Evaluation:
@@ -299,6 +305,7 @@ class Trainer:
             "epochs_per_stage": self.tracker.epochs_per_stage() if self.tracker else {},
             "world_size": self.ctx.world_size,
             "test_confusion": test.confusion.tolist(),
+            "cuda_graph_captured": self.captured_graph or getattr(self.step, "graph", None) is not None,
         }
         table = distributed.on_main(
             self.ctx,

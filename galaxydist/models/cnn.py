@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .dropout import KeyedDropout
+
 
 def conv_block(c_in: int, c_out: int, pool: bool = True) -> nn.Sequential:
     # No conv bias: BatchNorm cancels it, so its true gradient is zero and Adam would turn float
@@ -42,7 +44,7 @@ class GalaxyCNN(nn.Module):
         )
         self.feature_width = channels[-1]
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels[-1], num_classes)
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), KeyedDropout(dropout), nn.Linear(channels[-1], num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

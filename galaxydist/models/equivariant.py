@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .dropout import KeyedDropout
 
 
 def import_e2cnn():
@@ -94,7 +95,7 @@ class EquivariantCNN(nn.Module):
         self.geometric_tensor = enn.GeometricTensor
         self.feature_width = channels[-1]
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels[-1], num_classes)
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), KeyedDropout(dropout), nn.Linear(channels[-1], num_classes)
         )
 
     def invariant_maps(self, x: torch.Tensor) -> torch.Tensor:

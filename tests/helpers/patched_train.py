@@ -3,12 +3,14 @@
 python patched_train.py nan RANK STEP -- train args...     # rank RANK's loss is NaN at step STEP
 python patched_train.py stop RANK EPOCH -- train args...   # only rank RANK wants to stop early
 python patched_train.py raise RANK STEP -- train args...   # rank RANK raises at step STEP
+python patched_train.py hang RANK STEP -- train args...    # rank RANK blocks (alive) at step STEP
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ fault, fault_rank, at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 args = sys.argv[sys.argv.index("--") + 1 :]
 rank = int(os.environ.get("RANK", 0))
 
-if rank == fault_rank and fault in ("nan", "raise"):
+if rank == fault_rank and fault in ("nan", "raise", "hang"):
     original = F.cross_entropy
     steps = {"n": 0}
 
@@ -32,6 +34,9 @@ if rank == fault_rank and fault in ("nan", "raise"):
             if steps["n"] == at + 1:
                 if fault == "raise":
                     raise RuntimeError(f"injected failure on rank {rank}")
+                if fault == "hang":
+                    print(f"rank {rank} hangs at step {at}", file=sys.stderr, flush=True)
+                    threading.Event().wait()  # alive, out of every collective, until killed
                 return loss * float("nan")
         return loss
 
