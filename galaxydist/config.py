@@ -28,6 +28,10 @@ class DataConfig:
     # workers would only take cores from the ranks.
     num_workers: int | Literal["auto"] = "auto"
     eval_batch_size: int = 256  # global, for validation and test
+    # Node-local copies of the prepared file: none | auto (on SLURM: $SLURM_TMPDIR, else $TMPDIR,
+    # else stage_dir, else /tmp) | a folder. The first rank of each node copies and checks it.
+    stage: str = "none"
+    stage_dir: str | None = None
 
 
 @dataclass

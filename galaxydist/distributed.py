@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +151,49 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    box: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
+def node_name() -> str:
+    """The node this process runs on: SLURM's name for it, else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def check_shared_folder(ctx: Context, folder: Path) -> None:
+    """Rank 0 writes a token into `folder`; every rank must see it, or `folder` is not on a file
+    system all nodes share (checkpoints rank 0 writes would be missing where another node resumes).
+    One process: nothing to check. A folder rank 0 cannot write to stops every rank (exit 74)."""
+    if not dist.is_initialized():
+        return
+    created = not folder.exists()
+
+    def write_token() -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        token = folder / f".shared-check-{os.getpid()}-{time.time_ns()}"
+        token.write_text(node_name())
+        return token
+
+    token = broadcast_object(on_main(ctx, folder, write_token))
+    sees = gather_objects((ctx.rank, node_name(), Path(token).exists()))
+    if ctx.is_main:
+        Path(token).unlink()
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # the bad input leaves nothing behind
+    blind = [(rank, node) for rank, node, seen in sees if not seen]
+    if blind:
+        rank, node = blind[0]
+        raise UserError(
+            f"config key 'output_dir': {folder} is not on a file system all nodes share (rank {rank} on "
+            f"{node} does not see what rank 0 wrote there); put output_dir on a shared file system"
+        )
 
 
 def broadcast_object(obj: object) -> object:

@@ -23,6 +23,7 @@ from .engine.builders import (
     check_data,
     cuda_graphs_possible,
     prepare_run_folder,
+    stage_data,
 )
 from .engine.state import load_resume_state
 from .engine.trainer import Interrupted, NonFiniteLoss, request_stop
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     together = False  # a crash on one rank: leave without waiting for the others
     try:
         # Every rank reads the same files, so a bad input fails on all of them alike, before any write.
-        info = check_data(cfg, ctx)
+        info = check_data(cfg, ctx, stage_data(cfg, ctx))
         cuda_graphs_possible(cfg, ctx)  # an impossible speed setting fails here, before any write
         model, pretrained = build_run_model(cfg, info)
         resume = load_resume_state(cfg, info, args.resume)

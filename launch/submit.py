@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -64,6 +65,9 @@ class TrainTask:
         usr_sig = submitit.JobEnvironment._usr_sig()
         requeue = signal.getsignal(usr_sig)  # submitit's checkpoint-and-requeue handler; train overrides it
         code = train.main(self.argv)
+        if code == train.EXIT_INTERRUPTED and cancelled_by_user():
+            print("stopped by scancel: last.pt saved, not requeued (submit again to resume)", flush=True)
+            raise SystemExit(0)
         if code == train.EXIT_INTERRUPTED:
             # Training stopped on a signal and saved last.pt. Take submitit's own path: on global rank 0
             # it calls self.checkpoint(), requeues the job (or raises once requeues are used up) and
@@ -84,6 +88,18 @@ class TrainTask:
             return None
         self.requeues += 1
         return submitit.helpers.DelayedSubmission(self)
+
+
+def cancelled_by_user() -> bool:
+    """Whether this job was scancel'ed: its SIGTERM reaches the tasks once SLURM has moved the job
+    to COMPLETING (or CANCELLED), while a preemption's SIGTERM (or the time-limit warning) finds it
+    still RUNNING (measured with SLURM 22.05). A user's cancel stops the job for good; only the
+    others requeue it."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+    return re.search(r"\bJobState=(CANCELLED|COMPLETING)\b", shown.stdout) is not None
 
 
 def _count(minimum: int) -> Callable[[str], int]:

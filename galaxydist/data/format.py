@@ -9,6 +9,7 @@ them seconds and ~100 MB.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class PreparedInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop: int  # side of the source's central square that became image_size
+    checksum: str | None = None  # blake2b of the images' bytes (files prepared since it was recorded)
 
     @property
     def num_classes(self) -> int:
@@ -48,6 +50,10 @@ class PreparedInfo:
     @property
     def image_size(self) -> int:
         return self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
 
 
 def read_prepared(path: str | os.PathLike) -> PreparedInfo:
@@ -87,6 +93,7 @@ def read_prepared(path: str | os.PathLike) -> PreparedInfo:
             mean=tuple(float(v) for v in f.attrs["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in f.attrs["std"]),  # type: ignore[arg-type]
             crop=int(f.attrs.get("crop", shape[1])),
+            checksum=str(f.attrs["images_blake2b"]) if "images_blake2b" in f.attrs else None,
         )
     if len(labels) != shape[0] or labels.min(initial=0) < 0 or labels.max(initial=0) >= len(class_names):
         raise UserError(f"{path}: labels do not match the images or the class list; re-prepare")
@@ -151,11 +158,15 @@ def write_prepared(
     # Per-channel histograms of the training pixels give exact integer sums (float64 sums of the
     # pixels were exact too, but took as long as decoding the source).
     histogram = np.zeros((3, 256), dtype=np.int64)
+    digest = hashlib.blake2b(
+        digest_size=16
+    )  # of the images' bytes in row order: staged copies are checked on it
     with atomic_path(dst_path) as tmp, h5py.File(tmp, "w") as dst:
         out = dst.create_dataset("images", shape=(n, size, size, 3), dtype=np.uint8)
         start = 0
         for slab in slabs:
             out[start : start + len(slab)] = slab
+            digest.update(np.ascontiguousarray(slab).data)
             train_pixels = slab[is_train[start : start + len(slab)]].reshape(-1, 3)
             for channel in range(3):
                 histogram[channel] += np.bincount(train_pixels[:, channel], minlength=256)
@@ -182,5 +193,6 @@ def write_prepared(
             mean=mean,
             std=std,
             seed=seed,
+            images_blake2b=digest.hexdigest(),
             **provenance,
         )

@@ -5,8 +5,11 @@ tracker)."""
 from __future__ import annotations
 
 import errno
+import json
 import math
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -19,7 +22,8 @@ from ..data.augment import BatchTransform, swap_permutation
 from ..data.dataset import GalaxyDataset, batch_source, keep_resident, prepared_path_hint
 from ..data.format import PreparedInfo, read_prepared
 from ..data.samplers import ShardBatches, TrainBatches
-from ..errors import UserError
+from ..data.staging import expected_checksum, is_good_copy, make_copy, staged_path, staging_root
+from ..errors import UserError, os_error_reason, warn
 from ..models import build_model, family_of
 from ..models.pretrained import LoadReport, load_pretrained
 from ..tracking import RunFolder, Tracker
@@ -28,13 +32,35 @@ from .optim import optimizer_factory
 from .trainer import Trainer, TrainingParts
 
 
-def check_data(cfg: Config, ctx: distributed.Context) -> PreparedInfo:
-    """The prepared file, checked against this run's world size and batch before anything is written."""
+def stage_data(cfg: Config, ctx: distributed.Context) -> str:
+    """The prepared file each rank memory-maps: a node-local copy with `data.stage`, made once
+    per node by its first rank (reused when an earlier job left a good one) while the others
+    wait; the shared file itself without staging, or with a warning where the copy failed."""
+    root = staging_root(cfg.data.stage, cfg.data.stage_dir, os.environ)
+    if root is None or not Path(cfg.data.path).exists():
+        return cfg.data.path  # (a missing file is check_data's one-line error)
+    info = read_prepared(cfg.data.path)
+    checksum = expected_checksum(info)
+    copy = staged_path(root, info, checksum)
+    if ctx.local_rank == 0 and not is_good_copy(copy, info, checksum):
+        try:
+            make_copy(info, copy, checksum)
+        except OSError as err:
+            warn(
+                f"cannot stage {cfg.data.path} to {copy.parent} ({os_error_reason(err)}); reading the shared file"
+            )
+    distributed.barrier()
+    return str(copy) if copy.is_file() else cfg.data.path
+
+
+def check_data(cfg: Config, ctx: distributed.Context, path: str | None = None) -> PreparedInfo:
+    """The prepared file (`path`: its staged copy), checked against this run's world size and
+    batch before anything is written."""
     if not Path(cfg.data.path).exists():
         raise UserError(
             f"{cfg.data.path}: prepared data not found; make it with: {prepared_path_hint(cfg.data.path)}"
         )
-    info = read_prepared(cfg.data.path)
+    info = read_prepared(path or cfg.data.path)
     for split, rows in info.splits.items():
         if len(rows) == 0:
             raise UserError(f"{cfg.data.path}: split {split!r} is empty")
@@ -86,10 +112,22 @@ def checkpoint_bytes(cfg: Config, num_classes: int) -> int:
 def prepare_run_folder(
     cfg: Config, ctx: distributed.Context, info: PreparedInfo, resume_path: Path | None
 ) -> None:
-    """Before any training, rank 0 creates the run folder, checks there is room for the
-    checkpoints, saves the resolved config and adopts the best weights of a run resumed from
+    """Before any training: the run folder must be one every rank sees (a shared file system);
+    rank 0 creates it, checks there is room for the checkpoints, saves the resolved config, the
+    ranks' nodes and data files (ranks.json), and adopts the best weights of a run resumed from
     elsewhere; every rank learns if that failed."""
     run = RunFolder(cfg.output_dir)
+    distributed.check_shared_folder(ctx, run.root)
+    ranks = distributed.gather_objects(
+        {
+            "rank": ctx.rank,
+            "local_rank": ctx.local_rank,
+            "node": distributed.node_name(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "data": info.path,
+        }
+    )
 
     def make() -> None:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -98,6 +136,7 @@ def prepare_run_folder(
             reason = f"only {free / 2**20:.1f} MB free, checkpoints need {needed / 2**20:.1f} MB"
             raise OSError(errno.ENOSPC, reason)
         run.write_text("config.yaml", dump_config(cfg))
+        run.write_text("ranks.json", json.dumps(ranks, indent=2) + "\n")
         if resume_path:
             adopt_best_weights(resume_path, run)
 
