@@ -99,6 +99,14 @@ def assert_same_as(reference: Path, run: Path) -> None:
         assert [a[k] for k in numbers] == pytest.approx([b[k] for k in numbers], rel=1e-5), (a, b)
 
 
+def job_state(jid: str) -> str:
+    """The job's state in accounting ('' until it is known)."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", jid], capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
 def nodes_of(run: Path) -> list[str]:
     return [r["node"] for r in json.loads((run / "ranks.json").read_text())]
 
@@ -200,10 +208,7 @@ def test_losing_a_node_mid_epoch_ends_every_rank_and_a_resubmission_finishes_the
     for victim in victims:
         victim.kill()
     ended = ("FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL")
-    state = lambda: subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", jid], capture_output=True, text=True
-    ).stdout.strip()
-    wait_for(lambda: state().split(" ")[0] in ended, TIMEOUT_S, f"job {jid} to end")
+    wait_for(lambda: job_state(jid).split(" ")[0] in ended, TIMEOUT_S, f"job {jid} to end")
     assert time.monotonic() - started < 120  # not the 240 s collective timeout
     wait_for(
         lambda: not node_processes("n1", marker) and not node_processes("n2", marker), 60, "no process left"
@@ -225,12 +230,9 @@ def test_scancel_stops_the_job_for_good_and_a_preemption_would_requeue(tmp_path,
     jid = re.search(r"^job id:\s+(\d+)$", proc.stdout, re.M).group(1)
     wait_for_epochs(out, 1, TIMEOUT_S)
     subprocess.run(["scancel", jid], check=True, timeout=30)
-    state = lambda: subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", jid], capture_output=True, text=True
-    ).stdout.strip()
     wait_for(
         lambda: (
-            state().startswith("CANCELLED")
+            job_state(jid).startswith("CANCELLED")
             and not subprocess.run(["squeue", "-h", "-j", jid], capture_output=True, text=True).stdout.strip()
         ),
         TIMEOUT_S,
