@@ -33,7 +33,7 @@ from .allocator import keep_freed_memory
 from .atomic import atomic_path, check_can_create
 from .checkpoint import ModelMeta
 from .data.galaxy10 import IMAGES_KEY
-from .data.geometry import centre_square
+from .data.geometry import Geometry, read_image
 from .errors import UserError, run_cli
 from .inference.engine import load_model, mirror_swap, predict_proba
 from .progress import track
@@ -51,32 +51,6 @@ class Chunk:
     hdf5: Path | None = None
     start: int = 0
     stop: int = 0
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How inputs become model inputs: cut a central `crop` square (see `fit`), resize to `size`."""
-
-    size: int
-    crop: int
-    fit: str
-
-    def apply(self, images: np.ndarray) -> np.ndarray:
-        """uint8 N×H×W×3 → N×3×size×size, through prepare's own crop and resampling."""
-        height, width = images.shape[1:3]
-        side = self.crop if self.fit == "crop" and min(height, width) >= self.crop else min(height, width)
-        return centre_square(images, side, self.size).transpose(0, 3, 1, 2)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """One image file as uint8 1×H×W×3."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            return np.asarray(opened.convert("RGB"), dtype=np.uint8)[None]
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{path}: not an image Pillow can read ({type(err).__name__})") from None
 
 
 def hdf5_images(path: Path) -> int:

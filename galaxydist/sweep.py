@@ -66,9 +66,16 @@ def parse_sweeps(specs: list[str]) -> dict[str, list[Any]]:
 
 
 def task_name(point: dict[str, Any]) -> str:
-    """A folder name that says the setting: seed=0,stages.0.lr=0.001."""
-    text = ",".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items())
-    return re.sub(r"[^\w.,=+-]", "_", text.replace(" ", ""))
+    """A folder name that says the setting: seed=0,stages.0.lr=0.001 (a mapping value by its keys)."""
+
+    def items(key: str, value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [item for k, v in value.items() for item in items(f"{key}.{k}", v)]
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        return [f"{key}={text}"]
+
+    text = ",".join(item for key, value in point.items() for item in items(key, value))
+    return re.sub(r"[^\w.,=+\[\]-]", "_", text)
 
 
 def plan(config_path: str | None, overrides: list[str], specs: list[str], sweep_dir: Path) -> list[Task]:

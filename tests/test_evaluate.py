@@ -20,11 +20,10 @@ from galaxydist import evaluate, predict
 from galaxydist.data.dataset import SplitImages
 from galaxydist.data.format import read_prepared
 from galaxydist.data.galaxy10 import prepare
-from galaxydist.data.geometry import centre_square
+from galaxydist.data.geometry import Geometry, centre_square
 from galaxydist.errors import run_cli
 from galaxydist.inference.engine import load_model, predict_proba
 from galaxydist.models.cnn import GalaxyCNN
-from galaxydist.predict import Geometry
 from galaxydist.reports import CONFUSION_PIXELS
 
 

@@ -16,6 +16,11 @@ from ..errors import UserError
 from .format import SPLITS, PreparedInfo
 
 
+def open_images(info: PreparedInfo) -> np.memmap:
+    """Every image of a prepared file, N×H×W×C uint8, memory-mapped read-only."""
+    return np.memmap(info.path, dtype=np.uint8, mode="r", offset=info.offset, shape=info.shape)
+
+
 class GalaxyDataset(Dataset):
     """One split of a prepared file, memory-mapped read-only and mapped lazily in each process.
 
@@ -41,9 +46,7 @@ class GalaxyDataset(Dataset):
     @property
     def images(self) -> np.memmap:
         if self._images is None:
-            self._images = np.memmap(
-                self.info.path, dtype=np.uint8, mode="r", offset=self.info.offset, shape=self.info.shape
-            )
+            self._images = open_images(self.info)
         return self._images
 
     def __getitem__(self, positions: int | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,9 +1,14 @@
 """How a source image becomes a training square: the one crop-and-resize every path shares
-(prepare from Galaxy10 or an image folder, predict on new images)."""
+(prepare from Galaxy10 or an image folder, predict and infer on new images)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+
+from ..errors import UserError
 
 
 def centre_square(images: np.ndarray, crop: int, resize: int | None) -> np.ndarray:
@@ -19,3 +24,29 @@ def centre_square(images: np.ndarray, crop: int, resize: int | None) -> np.ndarr
     x = torch.from_numpy(np.ascontiguousarray(square)).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How inputs become model inputs: cut a central `crop` square (see `fit`), resize to `size`."""
+
+    size: int
+    crop: int
+    fit: str
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """uint8 N×H×W×3 → N×3×size×size, through prepare's own crop and resampling."""
+        height, width = images.shape[1:3]
+        side = self.crop if self.fit == "crop" and min(height, width) >= self.crop else min(height, width)
+        return centre_square(images, side, self.size).transpose(0, 3, 1, 2)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 1×H×W×3."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return np.asarray(opened.convert("RGB"), dtype=np.uint8)[None]
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{path}: not an image Pillow can read ({type(err).__name__})") from None
