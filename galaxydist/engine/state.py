@@ -56,6 +56,10 @@ class Position:
         self.best_val = max(self.best_val, score)
         return improved
 
+    def advance(self) -> None:
+        """One optimiser step done."""
+        self.step += 1
+
     def next_epoch(self, stopper: EarlyStopping) -> None:
         self.epoch, self.step, self.seconds, self.train_sums = self.epoch + 1, 0, 0.0, [0.0] * 4
         self.stopper = {"best": stopper.best, "bad_epochs": stopper.bad_epochs}

@@ -173,7 +173,7 @@ class Trainer:
             )
             pending = StepFlags(flags, pos.step)
             sums += step_sums
-            pos.step += 1
+            pos.advance()
         self.act_on(pending, pos, sums, started)
         # A finite loss can still give non-finite gradients; the weights are the same on every rank,
         # so every rank takes this decision alike, before anything is evaluated or saved.
