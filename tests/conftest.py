@@ -122,6 +122,15 @@ def run_train(nproc: int, overrides: list[str], timeout: float = 300, extra_env:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def assert_bad_train_input(data: Path, run: Path, extra: dict, message: str) -> None:
+    """One process trained with `extra`: one error line holding `message`, exit 2, no run folder."""
+    result = run_train(0, tiny_overrides(data, run, **extra))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not run.exists()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_train, tiny_overrides
+from conftest import ROOT, assert_bad_train_input, read_metrics, run_train, tiny_overrides
 from test_train import assert_same_state, final_state
 
 from galaxydist import evaluate, predict, train
@@ -228,12 +228,7 @@ def test_bad_model_input_is_one_line_exit_2_nothing_written(tiny_prepared, tmp_p
     (tmp_path / "corrupt.pth").write_bytes(b"not a zip")
     files = {"CORRUPT": str(tmp_path / "corrupt.pth"), "LITE0": lite0_weights_file()}
     extra = {k: files.get(v, v) for k, v in extra.items()}
-    run = tmp_path / "run"
-    result = run_train(0, tiny_overrides(tiny_prepared, run, **extra))
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not run.exists()
+    assert_bad_train_input(tiny_prepared, tmp_path / "run", extra, message)
 
 
 def test_a_missing_family_library_names_the_extra(tmp_path):

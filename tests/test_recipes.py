@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, run_train, tiny_overrides
+from conftest import assert_bad_train_input, read_metrics, run_train, tiny_overrides
 from test_train import assert_same_state, final_state
 
 from galaxydist import train
@@ -221,9 +221,4 @@ def test_two_ranks_of_32_equal_one_rank_of_64_with_every_feature(tiny_prepared, 
     ],
 )
 def test_bad_recipe_input_is_one_line_exit_2_nothing_written(tiny_prepared, tmp_path, extra, message):
-    run = tmp_path / "run"
-    result = run_train(0, tiny_overrides(tiny_prepared, run, **extra))
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not run.exists()
+    assert_bad_train_input(tiny_prepared, tmp_path / "run", extra, message)
