@@ -78,6 +78,10 @@ class ModelMeta:
         return self.config.get("augment", {}).get("mirror_swap", [])
 
     @property
+    def class_weight_power(self) -> float:
+        return self.config.get("loss", {}).get("class_weight_power", 1.0)
+
+    @property
     def run_dir(self) -> Path:
         """The run folder of RUN/checkpoints/X.pt, else the checkpoint's own folder."""
         parent = self.path.parent

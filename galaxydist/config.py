@@ -65,6 +65,9 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.0
+    # Class weights are the prepared file's inverse frequencies raised to this power: 1 balances
+    # the classes fully, 0 leaves them unweighted, 0.5 (square root) trades between the two.
+    class_weight_power: float = 1.0
 
 
 @dataclass
@@ -242,6 +245,10 @@ def _check(cfg: Config) -> None:
     if not 0.0 <= cfg.loss.label_smoothing < 1.0:
         raise UserError(
             f"config key 'loss.label_smoothing': must be in [0, 1), got {cfg.loss.label_smoothing}"
+        )
+    if not 0.0 <= cfg.loss.class_weight_power <= 1.0:
+        raise UserError(
+            f"config key 'loss.class_weight_power': must be in [0, 1], got {cfg.loss.class_weight_power}"
         )
     if cfg.ema.decay is not None and not 0.0 < cfg.ema.decay < 1.0:
         raise UserError(f"config key 'ema.decay': must be in (0, 1) or null, got {cfg.ema.decay}")

@@ -80,7 +80,7 @@ def evaluate(
                 swap=mirror_swap(meta),
             ),
             labels,
-            info.class_weights,
+            info.class_weights**meta.class_weight_power,
             meta.class_names,
         )
         for name, use_tta in runs.items()

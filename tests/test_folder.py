@@ -371,7 +371,7 @@ def test_gz1_subset_prepares_and_trains_above_chance(tmp_path, capsys):
     overrides = tiny_overrides(
         data, run_dir, **{"model.channels": "[16,32,64,64]", "stages": "[{name: train, lr: 0.003, max_epochs: 8, patience: 8}]"}
     )  # fmt: skip
-    result = run_train(2, ["--config", "configs/gz1.yaml", *overrides], timeout=240)
+    result = run_train(2, ["--config", "configs/gz1_cnn.yaml", *overrides], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["class_names"]) == 6 and np.asarray(summary["test_confusion"]).shape == (6, 6)

@@ -212,7 +212,9 @@ def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo, model
         train_loader=batch_source(train_set, train_batches, device, resident, num_workers),
         eval_loaders=eval_loaders,
         transform=transform,
-        class_weights=torch.tensor(info.class_weights, dtype=torch.float32, device=device),
+        class_weights=torch.tensor(
+            info.class_weights**cfg.loss.class_weight_power, dtype=torch.float32, device=device
+        ),
         make_optimizer=optimizer_factory(cfg.optim, device, cuda_graphs),
         run=run,
         tracker=tracker,
