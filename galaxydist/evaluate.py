@@ -1,12 +1,14 @@
 """Evaluate a trained model on one split of a prepared file and write its report.
 
-    python -m galaxydist.evaluate RUN_DIR_or_CHECKPOINT [--split test|val] [--data PREPARED.h5] [--tta] [--out DIR]
+    python -m galaxydist.evaluate RUN_DIR_or_CHECKPOINT [--split test|val] [--data PREPARED.h5] [--tta]
+        [--gallery K] [--out DIR]
 
 A run folder means its checkpoints/best.pt. The data default to the checkpoint's own
 `data.path`; the report (per_class.csv/.md, confusion_<split>.png, summary.json) goes to
 `<run>/eval_<split>/`. `--tta` also averages the softmax over the 8 symmetries of the square
-(4 rotations × optional mirror flip) and reports plain and TTA numbers side by side. One process;
-the GPU when there is one.
+(4 rotations × optional mirror flip) and reports plain and TTA numbers side by side. `--gallery K`
+draws gallery_<split>.png: per true class its K most confident right and K most confident wrong
+predictions. One process; the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .data.format import read_prepared
 from .errors import UserError, run_cli
 from .inference.engine import check_compatible, load_model, mirror_swap, predict_proba
 from .metrics import scores
-from .reports import Guard, plot_confusion, write_per_class
+from .reports import Guard, plot_confusion, plot_gallery, write_per_class
 
 
 def side_by_side(plain: dict[str, Any], tta: dict[str, Any], class_names: Sequence[str]) -> str:
@@ -52,10 +54,13 @@ def evaluate(
     data: str | None = None,
     tta: bool = False,
     out: str | None = None,
+    gallery: int = 0,
 ) -> dict[str, Any]:
     """Evaluate, write the report folder, and return its summary."""
     if split not in ("test", "val"):
         raise UserError(f"unknown split {split!r}; choose test or val")
+    if gallery < 0:
+        raise UserError(f"--gallery: must be >= 0 images per class, got {gallery}")
     model, meta = load_model(target)
     if data is None:
         data = meta.config["data"]["path"]
@@ -67,24 +72,21 @@ def evaluate(
     check_can_create(folder / "summary.json")
     images, labels = SplitImages(info, split), info.labels[info.splits[split]]
     runs = {"plain": False, "tta": True} if tta else {"plain": False}
-    results = {
-        name: scores(
-            predict_proba(
-                model,
-                images,
-                meta.mean,
-                meta.std,
-                use_tta,
-                meta.mirror_symmetric,
-                description=f"{split} ({name})",
-                swap=mirror_swap(meta),
-            ),
-            labels,
-            info.class_weights**meta.class_weight_power,
-            meta.class_names,
+    probs = {
+        name: predict_proba(
+            model,
+            images,
+            meta.mean,
+            meta.std,
+            use_tta,
+            meta.mirror_symmetric,
+            description=f"{split} ({name})",
+            swap=mirror_swap(meta),
         )
         for name, use_tta in runs.items()
     }
+    weights = info.class_weights**meta.class_weight_power
+    results = {name: scores(p, labels, weights, meta.class_names) for name, p in probs.items()}
     folder.mkdir(parents=True, exist_ok=True)
     pictures = Guard("drawing the confusion PNG", "the numbers and tables are written regardless")
     for name, result in results.items():
@@ -97,6 +99,17 @@ def evaluate(
             meta.class_names,
             folder / f"confusion_{split}{suffix}.png",
             title,
+        )
+    if gallery:
+        pictures.run(
+            plot_gallery,
+            lambda i: images[i : i + 1][0].transpose(1, 2, 0),
+            labels,
+            probs["tta" if tta else "plain"],
+            meta.class_names,
+            folder / f"gallery_{split}.png",
+            gallery,
+            f"{split.capitalize()}{' (TTA)' if tta else ''}",
         )
     summary = {
         "checkpoint": str(meta.path),
@@ -131,9 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also average over the symmetries of the square (rotations only if trained without flips)",
     )
+    parser.add_argument(
+        "--gallery",
+        type=int,
+        default=0,
+        metavar="K",
+        help="draw gallery_<split>.png: per class the K most confident right and wrong predictions",
+    )
     parser.add_argument("--out", help="report folder (default: <run>/eval_<split>)")
     args = parser.parse_args(argv)
-    summary = evaluate(args.target, args.split, args.data, args.tta, args.out)
+    summary = evaluate(args.target, args.split, args.data, args.tta, args.out, args.gallery)
     plain = summary["plain"]
     names = summary["class_names"]
     if args.tta:

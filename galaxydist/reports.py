@@ -32,6 +32,7 @@ CURVES_PIXELS = (round(CURVES_INCHES[0] * DPI), round(CURVES_INCHES[1] * DPI))  
 CONFUSION_PIXELS = (round(CONFUSION_INCHES[0] * DPI), round(CONFUSION_INCHES[1] * DPI))
 CSV_COLUMNS = ("class", "support", "accuracy", "precision", "recall", "f1")
 COMPARISON_INCHES = (9.0, 4.5)
+GALLERY_TILE_INCHES = 1.25
 
 
 def _figure(inches: tuple[float, float]) -> Figure:
@@ -105,6 +106,67 @@ def plot_confusion(
     total = int(cm.sum())
     accuracy = np.trace(cm) / total if total else 0.0
     ax.set_title(f"{title} — {total} images, accuracy {accuracy:.3f}", fontsize=10)
+    _save(fig, path)
+
+
+def gallery_picks(labels: np.ndarray, probs: np.ndarray, per_class: int) -> list[tuple[list[int], list[int]]]:
+    """For each true class: the `per_class` right predictions made with the highest probability,
+    and the `per_class` wrong ones made with the highest probability (for the wrong class)."""
+    preds, confidence = probs.argmax(1), probs.max(1)
+    picks = []
+    for k in range(probs.shape[1]):
+        of_class = np.flatnonzero(labels == k)
+        by_confidence = of_class[np.argsort(-confidence[of_class], kind="stable")]
+        right = by_confidence[preds[by_confidence] == k][:per_class]
+        wrong = by_confidence[preds[by_confidence] != k][:per_class]
+        picks.append((right.tolist(), wrong.tolist()))
+    return picks
+
+
+def gallery_inches(classes: int, per_class: int) -> tuple[float, float]:
+    """A tile per image, room for the class names on the left and the title on top."""
+    return (GALLERY_TILE_INCHES * 2 * per_class + 1.6, GALLERY_TILE_INCHES * classes + 0.6)
+
+
+def plot_gallery(
+    images: Callable[[int], np.ndarray],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    per_class: int = 4,
+    title: str = "Most confident right and wrong",
+) -> None:
+    """A row per true class: its most confident right predictions (green), then its most
+    confident wrong ones (red), each tile titled with the predicted class and its probability.
+    `images(i)` returns image i as H×W×3 uint8."""
+    picks = gallery_picks(labels, probs, per_class)
+    rows, cols = len(class_names), 2 * per_class
+    fig = _figure(gallery_inches(rows, per_class))
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    for k, (right, wrong) in enumerate(picks):
+        for c in range(cols):
+            ax = axes[k, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c == 0:
+                ax.set_ylabel(f"{class_names[k]}\n({int((labels == k).sum())})", fontsize=7)
+            chosen = right if c < per_class else wrong
+            j = c if c < per_class else c - per_class
+            if j >= len(chosen):
+                continue
+            i = chosen[j]
+            pred = int(probs[i].argmax())
+            ax.imshow(images(i))
+            colour = "tab:green" if pred == k else "tab:red"
+            ax.set_title(f"{class_names[pred]} {probs[i, pred]:.2f}", fontsize=6, color=colour)
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color(colour)
+                spine.set_linewidth(2)
+    fig.suptitle(f"{title}: rows are the true class; right (green) | wrong (red)", fontsize=9)
     _save(fig, path)
 
 

@@ -24,7 +24,7 @@ from galaxydist.data.geometry import Geometry, centre_square
 from galaxydist.errors import run_cli
 from galaxydist.inference.engine import load_model, predict_proba
 from galaxydist.models.cnn import GalaxyCNN
-from galaxydist.reports import CONFUSION_PIXELS
+from galaxydist.reports import CONFUSION_PIXELS, DPI, gallery_inches, gallery_picks
 
 
 def test_evaluate_cli_reproduces_the_runs_test_report_and_adds_tta(trained_run, tmp_path):
@@ -54,6 +54,27 @@ def test_evaluate_cli_reproduces_the_runs_test_report_and_adds_tta(trained_run, 
         with Image.open(out / name) as image:
             assert image.size == CONFUSION_PIXELS
     assert (out / "per_class_tta.csv").exists() and (out / "per_class_tta.md").exists()
+
+
+def test_gallery_picks_the_most_confident_right_and_wrong_of_each_true_class():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.45, 0.55], [0.95, 0.05], [0.1, 0.9]])
+    assert gallery_picks(labels, probs, 1) == [([0], [2]), ([6], [5])]
+    assert gallery_picks(labels, probs, 3) == [([0, 1], [2, 3]), ([6, 4], [5])]
+
+
+def test_evaluate_gallery_draws_a_row_per_class(trained_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert run_cli(evaluate.main, [str(trained_run.run), "--gallery", "3", "--out", str(out)]) == 0
+    classes = len(json.loads((trained_run.run / "summary.json").read_text())["class_names"])
+    width, height = gallery_inches(classes, 3)
+    with Image.open(out / "gallery_test.png") as image:
+        assert image.size == (round(width * DPI), round(height * DPI))
+    assert (
+        run_cli(evaluate.main, [str(trained_run.run), "--gallery", "-1", "--out", str(tmp_path / "x")]) == 2
+    )
+    assert "--gallery: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_evaluate_a_checkpoint_file_on_val_writes_beside_its_run(trained_run, tmp_path):
