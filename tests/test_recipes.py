@@ -12,14 +12,17 @@ import torch
 from conftest import assert_bad_train_input, read_metrics, run_train, tiny_overrides
 from test_train import assert_same_state, final_state
 
-from galaxydist import train
+from galaxydist import evaluate, train
 from galaxydist.config import StageConfig
 from galaxydist.data.augment import BatchTransform, swap_permutation
+from galaxydist.data.dataset import SplitImages
+from galaxydist.data.format import read_prepared
 from galaxydist.engine import trainer as trainer_module
 from galaxydist.engine.ema import EMA
 from galaxydist.engine.optim import lr_factor, param_groups
 from galaxydist.engine.step import TrainStep
-from galaxydist.inference.engine import predict_proba
+from galaxydist.inference.engine import load_model, predict_proba
+from galaxydist.metrics import scores
 from galaxydist.models.cnn import GalaxyCNN
 
 EVERY_FEATURE = {
@@ -135,6 +138,28 @@ def test_label_smoothing_enters_the_training_loss():
     assert sums[0.2] == pytest.approx(expected, rel=1e-5) and sums[0.2] != pytest.approx(sums[0.0])
 
 
+def test_class_weight_power_weights_the_loss_in_training_and_in_evaluate(
+    tiny_prepared, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    stages = "[{name: t, lr: 0.003, max_epochs: 1, patience: 1}]"
+    overrides = tiny_overrides(tiny_prepared, run, **{"loss.class_weight_power": 0.5, "stages": stages})
+    assert in_process(overrides, monkeypatch) == 0
+    trained = json.loads((run / "summary.json").read_text())
+    report = evaluate.evaluate(run, out=str(tmp_path / "eval"))
+    assert report["plain"]["loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+    info = read_prepared(tiny_prepared)
+    assert np.ptp(info.class_weights) > 0.1  # unequal classes, so the power changes the loss
+    model, meta = load_model(run / "checkpoints" / "best.pt", torch.device("cpu"))
+    probs = predict_proba(
+        model, SplitImages(info, "test"), meta.mean, meta.std, False, False, description=None
+    )
+    labels = info.labels[info.splits["test"]]
+    for power, same in ((0.5, True), (1.0, False)):
+        loss = scores(probs, labels, info.class_weights**power, info.class_names)["loss"]
+        assert (loss == pytest.approx(trained["test_loss"], rel=1e-5)) is same, power
+
+
 def in_process(overrides: list[str], monkeypatch, stop_after: int | None = None) -> int:
     """galaxydist.train in this process; with `stop_after`, a stop request after that many steps
     (as a signal would set it), landing mid-epoch."""
@@ -217,6 +242,7 @@ def test_two_ranks_of_32_equal_one_rank_of_64_with_every_feature(tiny_prepared, 
         ({"optim.name": "sgd"}, "'optim.name': 'sgd' is not one of adam | adamw"),
         ({"ema.decay": 1.5}, "'ema.decay': must be in (0, 1)"),
         ({"loss.label_smoothing": -0.1}, "'loss.label_smoothing'"),
+        ({"loss.class_weight_power": 2}, "'loss.class_weight_power': must be in [0, 1], got 2"),
         ({"stages.0.schedule": "linear"}, "'stages.0.schedule': 'linear' is not one of"),
     ],
 )
