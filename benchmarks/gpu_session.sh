@@ -3,7 +3,8 @@
 # the CUDA-only tests while the data set is generated, then the recipe as configured and again
 # without CUDA graphs (each all or nothing, so first), then the grid (saved cell by cell, so a
 # cut costs only its last cells), then, if time is left, the compiled recipe and three epochs
-# under torchrun (one rank: NCCL, DDP and SyncBatchNorm on the device). Every step has its
+# under torchrun (one rank: NCCL, DDP and SyncBatchNorm on the device), then each model family's
+# img/s and peak memory (benchmarks/families.py). Every step has its
 # own time limit inside BUDGET seconds, so the script reaches its end and packs the logs into one
 # file (give the device call a limit above BUDGET: $OUT brings back at most 8 files).
 #   bash benchmarks/gpu_session.sh OUT_DIR [BUDGET_S] [extra gpu.py arguments, e.g. --dry-run]
@@ -61,6 +62,9 @@ step() {  # step NAME SECONDS COMMAND...: the command under its own limit, logge
     else
         echo "== torchrun_one_rank: skipped, $(left) s left"
     fi
+    # each model family at 128² (those whose library the image lacks are listed as skipped)
+    step families $(($(left) - 10)) "$py" benchmarks/families.py --device cuda --size 128 --batch 256 \
+        --steps 10 --out "$out/families.json"
 } 2>&1 | tee "$out/session.log"
 (cd "$out" && tar czf logs.tgz --remove-files ./*_logs 2>/dev/null)
 ls -la "$out"
