@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_path
+from .data.fits import FitsStretch
 from .data.format import PreparedInfo
 from .errors import UserError
 
@@ -32,8 +33,8 @@ def training_state(
     ema: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Everything a checkpoint holds: the weights and what rebuilds the model and its inputs
-    (config, classes, channel statistics, geometry), and the training position (+ optimiser and
-    the weights' moving average, for resuming)."""
+    (config, classes, channel statistics, geometry, FITS stretch), and the training position
+    (+ optimiser and the weights' moving average, for resuming)."""
     state = {
         "model": model.state_dict(),
         "config": config,
@@ -42,6 +43,7 @@ def training_state(
         "std": list(info.std),
         "image_size": info.image_size,
         "crop": info.crop,
+        "fits": info.fits.to_dict() if info.fits else None,
         "train_size": len(info.splits["train"]),
         "position": position,
     }
@@ -65,6 +67,7 @@ class ModelMeta:
     image_size: int
     crop: int  # side of the source square that was resized to image_size (= image_size if none)
     config: dict[str, Any]
+    fits: FitsStretch | None = None  # the stretch its FITS training cutouts went through
 
     @property
     def mirror_symmetric(self) -> bool:
@@ -113,6 +116,7 @@ def read_model(target: str | Path) -> tuple[ModelMeta, dict[str, torch.Tensor]]:
         image_size=int(state["image_size"]),
         crop=int(state.get("crop", state["image_size"])),  # absent: the images were not resized
         config=state["config"],
+        fits=FitsStretch.from_dict(state["fits"]) if state.get("fits") else None,
     )
     return meta, state["model"]
 

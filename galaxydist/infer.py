@@ -5,9 +5,11 @@
         [--split S] [--part-size P] [--workers W] [--strict] [--force]
     python -m galaxydist.infer ...     # one process
 
-INPUT: a catalogue (CSV or Parquet: an id column and a file column of JPEG/PNG paths relative to
-the catalogue), an image folder (ids: file names without suffix), or a prepared .h5 (all rows, or
-one --split). Every image goes through the checkpoint's own crop and resize, as in training.
+INPUT: a catalogue (CSV or Parquet: an id column and a file column of JPEG/PNG or FITS paths
+relative to the catalogue), an image folder (ids: file names without suffix), or a prepared .h5
+(all rows, or one --split). Every image goes through the checkpoint's own crop and resize, as in
+training, and a FITS cutout first through its recorded stretch (a model trained on FITS cutouts
+takes only FITS cutouts, one trained on JPEG/PNG images none).
 
 OUT: a folder of Parquet parts (part-NNNNN.parquet, catalogue order; read them all at once with
 pyarrow.parquet.read_table(OUT) or pandas.read_parquet(OUT)) with id, row, predicted,
@@ -20,6 +22,7 @@ command, it skips the parts already written; a finished output is left as it is.
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -39,7 +42,7 @@ from .inference.batch import (
     run_parts,
     start_output,
 )
-from .inference.catalogue import Rows, open_catalogue
+from .inference.catalogue import Catalogue, Rows, check_kind, open_catalogue
 from .inference.engine import load_model
 from .progress import track
 
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every check before any work, alike on every rank: the checkpoint, the input, the output.
         model, meta = load_model(args.checkpoint, ctx.device)
         catalogue = open_catalogue(args.input, args.id_column, args.file_column, args.split)
+        check_kind(catalogue, meta.fits)
         if catalogue.class_names is not None and catalogue.class_names != meta.class_names:
             raise UserError(f"{meta.path}: trained on other classes than those of {catalogue.path}")
         if catalogue.image_size is not None and catalogue.image_size != meta.image_size:
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         all_parts = parts(len(catalogue), options.part_size)
         mine = list(range(ctx.rank, len(all_parts), ctx.world_size))
         rows = sum(len(all_parts[i]) for i in mine)
-        dataset = Rows(catalogue, Geometry(meta.image_size, meta.crop, "crop"))
+        dataset = Rows(catalogue, Geometry(meta.image_size, meta.crop, "crop", meta.fits))
         progress = run_parts(model, meta, catalogue, dataset, options, out, mine, args.workers)
         for _ in track(progress, rows, f"infer (rank 0 of {ctx.world_size})", ctx.is_main, rate="img"):
             pass
@@ -129,13 +133,23 @@ def main(argv: list[str] | None = None) -> int:
         classified, unreadable = distributed.broadcast_object(summary)
         if ctx.is_main:
             print(f"{classified} of {len(catalogue)} rows classified into {out} ({len(all_parts)} parts)")
-            if unreadable:
+            if unreadable and not args.strict:
                 print(f"{unreadable} unreadable: listed in {out / FAILED}", file=sys.stderr)
         if args.strict and unreadable:
-            raise UserError(f"{args.input}: {unreadable} inputs could not be read (see {out / FAILED})")
+            raise UserError(
+                f"{first_failure(out, catalogue)} ({unreadable} inputs could not be read: see {out / FAILED})"
+            )
         return 0
     finally:
         distributed.teardown(together)
+
+
+def first_failure(out: Path, catalogue: Catalogue) -> str:
+    """`FILE: reason` of the first row OUT/_failed.csv lists: --strict's error names a file."""
+    with (out / FAILED).open(newline="") as f:
+        first = next(csv.DictReader(f))
+    row = int(first["row"])
+    return f"{catalogue.files[row] if catalogue.files else catalogue.ids[row]}: {first['reason']}"
 
 
 def cli() -> None:

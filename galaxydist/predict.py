@@ -3,8 +3,9 @@
     python -m galaxydist.predict CHECKPOINT_or_RUN_DIR INPUTS... [--out preds.csv] [--tta]
                                  [--crop N] [--fit crop|resize]
 
-INPUTS are image files (PNG, JPEG, anything Pillow reads; converted to RGB) and Galaxy10-format
-HDF5 files (an `images` dataset N×H×W×3 uint8: Galaxy10_DECals.h5, or a prepared file).
+INPUTS are image files (PNG, JPEG, anything Pillow reads; converted to RGB; FITS cutouts for a
+model trained on them, through its recorded stretch) and Galaxy10-format HDF5 files (an `images`
+dataset N×H×W×3 uint8: Galaxy10_DECals.h5, or a prepared file).
 
 Geometry, as in training: every input goes through `prepare`'s own centre_square, so a survey
 image gets exactly the pixels training saw. With the default `--fit crop` that is the central
@@ -98,7 +99,7 @@ def load_chunk(chunk: Chunk, geometry: Geometry) -> tuple[list[tuple[str, str]],
     """(file, index) labels and uint8 N×3×S×S model inputs of one chunk."""
     if chunk.hdf5 is None:
         keys = [(str(path), "") for path in chunk.files]
-        return keys, np.concatenate([geometry.apply(read_image(path)) for path in chunk.files])
+        return keys, np.concatenate([geometry.apply(read_image(path, geometry.fits)) for path in chunk.files])
     with h5py.File(chunk.hdf5, "r") as f:
         slab = f[IMAGES_KEY][chunk.start : chunk.stop]
     keys = [(str(chunk.hdf5), str(i)) for i in range(chunk.start, chunk.stop)]
@@ -119,7 +120,7 @@ def checked_job(checkpoint: str, inputs: list[str], crop: int | None = None, fit
     model, meta = load_model(checkpoint)
     if crop is not None and crop < 1:
         raise UserError(f"--crop {crop}: must be a positive size")
-    return Job(model, meta, Geometry(meta.image_size, crop or meta.crop, fit), plan(inputs))
+    return Job(model, meta, Geometry(meta.image_size, crop or meta.crop, fit, meta.fits), plan(inputs))
 
 
 def predict(job: Job, tta: bool = False) -> tuple[list[tuple[str, str]], np.ndarray, tuple[str, ...]]:

@@ -3,6 +3,8 @@
     python -m galaxydist.prepare SRC.h5 DST.h5 --crop 128 [--resize S] [--seed 0] [--force] [--workers N]
     python -m galaxydist.prepare --images DIR --labels labels.csv DST.h5 --crop C [--resize S]
         [--classes classes.txt] [--label-map "2:1"] [--skip-bad] [--workers N]   (see data/folder.py)
+        [--fits-bands I,J,K] [--fits-stretch lupton|asinh] [--fits-scales B,G,R] [--fits-q Q]
+        [--fits-stretch-param S]                              (FITS cutouts: see data/fits.py)
 
 The source is read in slabs aligned to its chunks (memory bounded whatever N is); the output is
 written to a temporary file and renamed into place, so DST is either absent or complete.
@@ -15,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import fits
 from .data.folder import prepare_folder
 from .data.format import read_prepared
 from .data.galaxy10 import prepare
 from .errors import UserError, run_cli
 from .pool import default_workers
 
-FOLDER_OPTIONS = ("labels", "classes", "label_map", "skip_bad")
+FITS_OPTIONS = ("fits_bands", "fits_stretch", "fits_scales", "fits_q", "fits_stretch_param")
+FOLDER_OPTIONS = ("labels", "classes", "label_map", "skip_bad", *FITS_OPTIONS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +42,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
     folder = parser.add_argument_group("from an image folder (instead of SRC.h5)")
-    folder.add_argument("--images", metavar="DIR", help="folder of JPEG/PNG images")
+    folder.add_argument("--images", metavar="DIR", help="folder of JPEG/PNG images or FITS cutouts")
     folder.add_argument("--labels", metavar="CSV", help="id or file column, and a label column")
     folder.add_argument(
         "--classes", metavar="TXT", help="class names, one per line (integer label i = line i)"
     )
     folder.add_argument("--label-map", metavar="OLD:NEW,...", help='rewrite CSV labels first, e.g. "2:1"')
     folder.add_argument("--skip-bad", action="store_true", help="leave out missing or unreadable images")
+    cutouts = parser.add_argument_group("FITS cutouts (recorded in DST and the checkpoint; see data/fits.py)")
+    cutouts.add_argument(
+        "--fits-bands",
+        metavar="I,J,K",
+        help="three planes, blue to red (the reddest becomes R), numbered through the file: a cube's "
+        "bands, one per 2-D image HDU (default auto: the first HDU's cube, else every plane; 3 of them)",
+    )
+    cutouts.add_argument(
+        "--fits-stretch",
+        metavar="NAME",
+        help="lupton (default: astropy make_lupton_rgb, colours kept) or asinh (the same curve per band)",
+    )
+    cutouts.add_argument(
+        "--fits-scales", metavar="S1,S2,S3", help="per-band flux multipliers, in --fits-bands order (1,1,1)"
+    )
+    cutouts.add_argument("--fits-q", metavar="Q", help="asinh softening Q (default 8)")
+    cutouts.add_argument(
+        "--fits-stretch-param", metavar="S", help="linear stretch, astropy's `stretch` (default 0.5)"
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -52,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         help="decoding processes; the output is the same for any number (default: usable CPUs, at most 8)",
     )
     args = parser.parse_args(argv)
+    stretch = fits.from_options(*(getattr(args, name) for name in FITS_OPTIONS))
     if args.resize is not None and args.resize < 1:
         raise UserError(f"--resize {args.resize}: must be a positive size")
     if args.workers < 1:
@@ -78,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--images DIR needs --labels CSV and --crop C (images come in any size)")
     report = prepare_folder(
         args.images, args.labels, args.dst, args.crop, args.resize, args.classes, args.label_map,
-        args.skip_bad, args.workers, args.seed, args.force,
+        args.skip_bad, args.workers, args.seed, args.force, stretch,
     )  # fmt: skip
     print("\n".join([*report.lines(), summary(args.dst)]))
     return 0
@@ -91,6 +115,8 @@ def summary(path: str) -> str:
     for name, rows in info.splits.items():
         counts = np.bincount(info.labels[rows], minlength=info.num_classes)
         lines.append(f"  {name:5s} {len(rows):6d}  per class {counts.tolist()}")
+    if info.fits:
+        lines.append(f"  from FITS cutouts: {info.fits.describe()}")
     return "\n".join(lines)
 
 

@@ -1,18 +1,21 @@
 """Prepare from an image folder and a labels CSV: the same prepared file as from Galaxy10.
 
     python -m galaxydist.prepare --images DIR --labels labels.csv DST.h5 --crop C [--resize S]
-        [--classes classes.txt] [--label-map "2:1"] [--skip-bad] [--workers N]
+        [--classes classes.txt] [--label-map "2:1"] [--skip-bad] [--workers N] [--fits-* ...]
 
-The CSV names each image by an id column (`id`, `objid`: the file is DIR/<id>.jpeg, .jpg or .png,
-or DIR/<id> when the id already ends so) or a file column (`file`, `filename`, `image`, `path`:
-relative to DIR; it wins when both exist), and gives its label in a `label` or `class` column, as
-an integer or a class name. Column names are matched ignoring case.
+The CSV names each image by an id column (`id`, `objid`: the file is DIR/<id>.jpeg, .jpg, .png,
+or a FITS cutout DIR/<id>.fits, .fit, .fits.gz or .fit.gz, or DIR/<id> when the id already ends
+so) or a file column (`file`, `filename`, `image`, `path`: relative to DIR; it wins when both
+exist), and gives its label in a `label` or `class` column, as an integer or a class name. Column
+names are matched ignoring case.
 
 Classes: `--classes` lists the names one per line (integer label i is line i); without it, names
 come from the label strings (sorted) or are `class_<label>` for integer labels. `--label-map
 "a:b,c:d"` rewrites CSV labels before anything else (merging classes); classes a merge empties are
 dropped and the rest renumbered 0..K-1 in order, so the labels are always contiguous.
 
+FITS cutouts go through the stretch of `fits.py` (its settings recorded in DST); a folder gives
+one kind, FITS or JPEG/PNG, so that a model trained on it takes one kind.
 Images are decoded in worker processes (`pool.in_order`, as the Galaxy10 path's), a few dozen per
 task, centre-cropped there and resized in the main process with `centre_square` (the Galaxy10
 path's resize, so both sources give the same pixels).
@@ -37,6 +40,8 @@ from ..atomic import check_can_create
 from ..errors import UserError
 from ..pool import in_order
 from ..progress import track
+from .fits import SUFFIXES as FITS_SUFFIXES
+from .fits import BadCutout, FitsStretch, is_fits, read_rgb, split_suffix
 from .format import SLAB_BYTES, validate_labels, write_prepared
 from .geometry import centre_square
 
@@ -233,31 +238,54 @@ def image_paths(images_dir: Path, table: LabelTable) -> tuple[list[str], dict[in
         return [str(images_dir / key) for key in table.keys], {}
     by_stem: dict[str, list[str]] = {}
     for name in names:
-        stem, ext = os.path.splitext(name)
-        if ext.lower() in EXTENSIONS:
+        stem, ext = split_suffix(name)
+        if ext.lower() in EXTENSIONS + FITS_SUFFIXES:
             by_stem.setdefault(stem, []).append(name)
     if not by_stem:
         raise UserError(
-            f"{images_dir}: no {'/'.join(e[1:].upper() for e in EXTENSIONS)} images in the folder"
+            f"{images_dir}: no {'/'.join(e[1:].upper() for e in EXTENSIONS)} images or FITS cutouts in it"
         )
+    kinds = {is_fits(name) for found in by_stem.values() for name in found}
+    wanted = "/".join((EXTENSIONS if False in kinds else ()) + (FITS_SUFFIXES if True in kinds else ()))
     paths, missing = [], {}
     for row, key in enumerate(table.keys):
-        found = by_stem.get(key) or ([key] if key in by_stem.get(os.path.splitext(key)[0], []) else [])
+        found = by_stem.get(key) or ([key] if key in by_stem.get(split_suffix(key)[0], []) else [])
         if len(found) > 1:
             raise UserError(f"{images_dir}: id {key} matches {' and '.join(sorted(found))}")
         paths.append(str(images_dir / (found[0] if found else key)))
         if not found:
-            missing[row] = f"no {'/'.join(EXTENSIONS)} file"
+            missing[row] = f"no {wanted} file"
     return paths, missing
 
 
-def decode(path: str, crop: int) -> np.ndarray | str:
-    """One image → its central crop×crop RGB square, or why it cannot be used (in a worker)."""
+def fits_settings(
+    images_dir: Path, paths: Sequence[str], missing: dict[int, str], given: FitsStretch | None
+) -> FitsStretch | None:
+    """The stretch for a folder of FITS cutouts (`given`, else the defaults); None for JPEG/PNG.
+    One kind per folder: a model trained on it then takes that kind."""
+    kinds = {is_fits(path) for row, path in enumerate(paths) if row not in missing}
+    if len(kinds) > 1:
+        raise UserError(f"{images_dir}: mixes FITS cutouts and JPEG/PNG images; prepare one kind")
+    if kinds == {True}:
+        return given or FitsStretch()
+    if given is not None and kinds:
+        raise UserError(f"--fits-* options go with FITS cutouts; the images in {images_dir} are JPEG/PNG")
+    return None
+
+
+def decode(path: str, crop: int, fits: FitsStretch | None) -> np.ndarray | str:
+    """One image (a FITS cutout through `fits`) → its central crop×crop RGB square, or why it
+    cannot be used (in a worker)."""
     try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
+        if fits is not None:
+            pixels = read_rgb(path, fits)
+        else:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         return "not found"
+    except BadCutout as err:
+        return str(err)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"cannot be decoded: {err}"
     height, width = pixels.shape[:2]
@@ -271,9 +299,9 @@ def slab_images(crop: int) -> int:
     return max(1, min(MAX_SLAB_IMAGES, SLAB_BYTES // (crop * crop * 3)))
 
 
-def decode_all(paths: Sequence[str], crop: int) -> list[np.ndarray | str]:
+def decode_all(paths: Sequence[str], crop: int, fits: FitsStretch | None) -> list[np.ndarray | str]:
     """Several images per worker task: fewer, larger messages than one task per image."""
-    return [decode(path, crop) for path in paths]
+    return [decode(path, crop, fits) for path in paths]
 
 
 def decode_into(
@@ -284,13 +312,14 @@ def decode_into(
     resize: int,
     workers: int,
     what: str,
+    fits: FitsStretch | None,
 ) -> dict[int, str]:
     """Fill `out` (N×S×S×3) with the resized crops; returns every bad row → problem (with `skip`)."""
     bad = dict(skip)
     todo = [row for row in range(len(paths)) if row not in skip]
     chunk = max(1, slab_images(crop) // (4 * workers))  # at most 2 per worker in flight
     starts = range(0, len(todo), chunk)
-    jobs = (([paths[r] for r in todo[start : start + chunk]], crop) for start in starts)
+    jobs = (([paths[r] for r in todo[start : start + chunk]], crop, fits) for start in starts)
     decoded = in_order(decode_all, jobs, max(1, min(workers, len(starts))))
     for start, results in zip(starts, track(decoded, len(starts), f"decode {what}"), strict=True):
         rows = todo[start : start + len(results)]
@@ -313,8 +342,10 @@ def prepare_folder(
     workers: int = 1,
     seed: int = 0,
     force: bool = False,
+    fits: FitsStretch | None = None,
 ) -> FolderReport:
-    """Image folder + labels CSV → prepared file. Any problem is a UserError with nothing written."""
+    """Image folder + labels CSV → prepared file. Any problem is a UserError with nothing written.
+    `fits`: the FITS settings asked for (None: the defaults, for a folder of FITS cutouts)."""
     images_dir, labels_csv, dst_path = Path(images_dir), Path(labels_csv), Path(dst_path)
     if dst_path.exists() and not force:
         raise UserError(f"{dst_path}: already exists (use --force to replace it)")
@@ -326,12 +357,13 @@ def prepare_folder(
     )
     validate_labels(classes.labels, classes.names, str(labels_csv))
     paths, missing = image_paths(images_dir, table)
+    stretch = fits_settings(images_dir, paths, missing, fits)
     check_can_create(dst_path)  # before the decoding, the long part
     size, n = resize or crop, len(paths)
     scratch_dir = dst_path.parent if dst_path.parent.is_dir() else None
     with tempfile.TemporaryFile(dir=scratch_dir) as scratch:
         pixels = np.memmap(scratch, dtype=np.uint8, mode="w+", shape=(n, size, size, 3))
-        bad = decode_into(pixels, paths, missing, crop, size, workers, images_dir.name)
+        bad = decode_into(pixels, paths, missing, crop, size, workers, images_dir.name, stretch)
         failed = [(table.keys[row], bad[row]) for row in sorted(bad)]
         if len(bad) == n:
             raise UserError(f"{images_dir}: none of the {n} images can be used: {describe(failed)}")
@@ -354,6 +386,7 @@ def prepare_folder(
             "crop": crop,
             "resize": size,
             "label_map": label_map or "",
+            **(stretch.to_attrs() if stretch else {}),
         }
         write_prepared(str(dst_path), slabs, labels, size, classes.names, seed, columns, provenance)
     return FolderReport(Classes(classes.names, labels, classes.sources), n, failed)

@@ -20,6 +20,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_path
 from ..errors import UserError
+from .fits import FitsStretch
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -42,6 +43,7 @@ class PreparedInfo:
     std: tuple[float, float, float]
     crop: int  # side of the source's central square that became image_size
     checksum: str | None = None  # blake2b of the images' bytes (files prepared since it was recorded)
+    fits: FitsStretch | None = None  # how FITS cutouts became these pixels (None: not from FITS)
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +96,7 @@ def read_prepared(path: str | os.PathLike) -> PreparedInfo:
             std=tuple(float(v) for v in f.attrs["std"]),  # type: ignore[arg-type]
             crop=int(f.attrs.get("crop", shape[1])),
             checksum=str(f.attrs["images_blake2b"]) if "images_blake2b" in f.attrs else None,
+            fits=FitsStretch.from_attrs(f.attrs),
         )
     if len(labels) != shape[0] or labels.min(initial=0) < 0 or labels.max(initial=0) >= len(class_names):
         raise UserError(f"{path}: labels do not match the images or the class list; re-prepare")

@@ -1,5 +1,6 @@
 """How a source image becomes a training square: the one crop-and-resize every path shares
-(prepare from Galaxy10 or an image folder, predict and infer on new images)."""
+(prepare from Galaxy10 or an image folder, predict and infer on new images), after the FITS
+stretch for FITS cutouts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .fits import BadCutout, FitsStretch, kind_mismatch, read_rgb
 
 
 def centre_square(images: np.ndarray, crop: int, resize: int | None) -> np.ndarray:
@@ -28,11 +30,13 @@ def centre_square(images: np.ndarray, crop: int, resize: int | None) -> np.ndarr
 
 @dataclass(frozen=True)
 class Geometry:
-    """How inputs become model inputs: cut a central `crop` square (see `fit`), resize to `size`."""
+    """How inputs become model inputs: cut a central `crop` square (see `fit`), resize to `size`;
+    FITS cutouts first go through the stretch the model was trained with (`fits`)."""
 
     size: int
     crop: int
     fit: str
+    fits: FitsStretch | None = None
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """uint8 N×H×W×3 → N×3×size×size, through prepare's own crop and resampling."""
@@ -41,8 +45,17 @@ class Geometry:
         return centre_square(images, side, self.size).transpose(0, 3, 1, 2)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """One image file as uint8 1×H×W×3."""
+def read_image(path: Path, fits: FitsStretch | None = None) -> np.ndarray:
+    """One image file as uint8 1×H×W×3: a FITS cutout through `fits`, a model's recorded stretch,
+    anything else through Pillow. A file of another kind than the model was trained on is refused."""
+    problem = kind_mismatch(path, fits)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    if fits is not None:
+        try:
+            return read_rgb(path, fits)[None]
+        except BadCutout as err:
+            raise UserError(f"{path}: {err}") from None
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -1,5 +1,6 @@
-"""What a catalogue inference reads: a table of ids and image files (CSV or Parquet, paths
-relative to the table), an image folder, or a prepared file; every row with its id, in order.
+"""What a catalogue inference reads: a table of ids and image files (JPEG/PNG or FITS; CSV or
+Parquet, paths relative to the table), an image folder, or a prepared file; every row with its
+id, in order.
 
 Rows are read one at a time (in DataLoader workers), through the checkpoint's own geometry, so
 memory stays bounded whatever the catalogue's length; an unreadable image is reported for its
@@ -18,11 +19,13 @@ import numpy as np
 import torch
 
 from ..data.dataset import open_images
+from ..data.fits import SUFFIXES as FITS_SUFFIXES
+from ..data.fits import FitsStretch, kind_mismatch, split_suffix
 from ..data.format import SPLITS, read_prepared
 from ..data.geometry import Geometry, read_image
 from ..errors import UserError
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", *FITS_SUFFIXES)
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 PREPARED_SUFFIXES = (".h5", ".hdf5")
 
@@ -95,8 +98,8 @@ def from_table(path: Path, id_column: str | None, file_column: str | None) -> Ca
 
 
 def from_folder(path: Path) -> Catalogue:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return Catalogue(path, [p.stem for p in files], [str(p.resolve()) for p in files], None)
+    files = sorted(p for p in path.iterdir() if split_suffix(p.name)[1].lower() in IMAGE_SUFFIXES)
+    return Catalogue(path, [split_suffix(p.name)[0] for p in files], [str(p.resolve()) for p in files], None)
 
 
 def from_prepared(path: Path, split: str | None) -> Catalogue:
@@ -131,6 +134,15 @@ def open_catalogue(
     return catalogue
 
 
+def check_kind(catalogue: Catalogue, fits: FitsStretch | None) -> None:
+    """Every file of the kind the model was trained on, FITS cutouts (with `fits`, its stretch) or
+    not: a whole catalogue of the other kind is one line before any work, not a row per failure."""
+    for file in catalogue.files or []:
+        problem = kind_mismatch(file, fits)
+        if problem:
+            raise UserError(f"{file}: {problem}")
+
+
 class Rows(torch.utils.data.Dataset):
     """Catalogue rows as model inputs: (uint8 3×S×S tensor, or None and why it is unreadable)."""
 
@@ -155,7 +167,7 @@ class Rows(torch.utils.data.Dataset):
         if not path.is_file():
             return i, None, "file not found"
         try:
-            pixels = read_image(path)
+            pixels = read_image(path, self.geometry.fits)
         except UserError as err:
             return i, None, str(err).split(": ", 1)[-1]
         height, width = pixels.shape[1:3]
