@@ -26,9 +26,13 @@ import csv
 import sys
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from . import distributed
 from .allocator import keep_freed_memory
 from .atomic import check_can_create
+from .checkpoint import ModelMeta
 from .data.geometry import Geometry
 from .errors import UserError, run_cli
 from .inference.batch import (
@@ -84,6 +88,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_inputs(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, ModelMeta, Catalogue]:
+    """The checkpoint loads and the catalogue opens and suits it (columns, unique ids, classes,
+    image size, kind of file); also what `launch/submit.py ... infer` checks before submitting."""
+    model, meta = load_model(args.checkpoint, device)
+    catalogue = open_catalogue(args.input, args.id_column, args.file_column, args.split)
+    check_kind(catalogue, meta.fits)
+    if catalogue.class_names is not None and catalogue.class_names != meta.class_names:
+        raise UserError(f"{meta.path}: trained on other classes than those of {catalogue.path}")
+    if catalogue.image_size is not None and catalogue.image_size != meta.image_size:
+        raise UserError(
+            f"{catalogue.path}: holds {catalogue.image_size}² images, the model takes {meta.image_size}²"
+        )
+    return model, meta, catalogue
+
+
+def options_of(args: argparse.Namespace) -> Options:
+    """What the output depends on besides the checkpoint and the catalogue."""
+    return Options(args.tta, args.embeddings, args.batch_size, args.part_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     args = parse_args(argv)
@@ -91,16 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     together = False
     try:
         # Every check before any work, alike on every rank: the checkpoint, the input, the output.
-        model, meta = load_model(args.checkpoint, ctx.device)
-        catalogue = open_catalogue(args.input, args.id_column, args.file_column, args.split)
-        check_kind(catalogue, meta.fits)
-        if catalogue.class_names is not None and catalogue.class_names != meta.class_names:
-            raise UserError(f"{meta.path}: trained on other classes than those of {catalogue.path}")
-        if catalogue.image_size is not None and catalogue.image_size != meta.image_size:
-            raise UserError(
-                f"{catalogue.path}: holds {catalogue.image_size}² images, the model takes {meta.image_size}²"
-            )
-        options = Options(args.tta, args.embeddings, args.batch_size, args.part_size)
+        model, meta, catalogue = check_inputs(args, ctx.device)
+        options = options_of(args)
         out = Path(args.out)
         manifest = manifest_for(meta, catalogue, options)
         # Rank 0 alone reads OUT (others could see it half made by rank 0); all learn the answer.

@@ -1,9 +1,13 @@
-"""Submit a galaxydist training run, or a sweep of them, to SLURM with submitit.
+"""Submit a galaxydist training run, a sweep of them, or a catalogue inference to SLURM with submitit.
 
     python launch/submit.py --partition gpu --gpus-per-node 4 --config configs/galaxy10.yaml [key=value ...]
     python launch/submit.py --partition gpu --gpus-per-node 0 --tasks-per-node 2 --wait   # CPU ranks
     python launch/submit.py --partition gpu --sweep seed=0,1,2 --sweep stages.0.lr=1e-3,3e-4 [--max-parallel N]
     python launch/submit.py --cluster local --sweep seed=0,1 ...      # the same grid on this machine
+    python launch/submit.py --partition gpu --nodes 2 --gpus-per-node 4 infer RUN CATALOGUE --out OUT [...]
+
+Everything after `infer` is galaxydist.infer's own command line; the job's ranks shard the catalogue,
+a preempted job requeues and skips the parts already written.
 
 A sweep is ONE SLURM job array: each task its own run folder under the sweep folder (output_dir)
 and its own W&B run in one W&B group; tasks requeue and resume like single jobs; a failed task
@@ -40,9 +44,10 @@ from galaxydist.config import load_config  # noqa: E402
 from galaxydist.errors import UserError, run_cli  # noqa: E402
 
 
-class TrainTask:
-    """The submitted callable, run once per task. It is checkpointable in submitit's sense (it has
-    `checkpoint`): when training stops on a signal, submitit pickles it again and requeues the job.
+class Requeueable:
+    """A submitted callable, run once per task. It is checkpointable in submitit's sense (it has
+    `checkpoint`): when the job is preempted or nears its time limit, submitit pickles it again and
+    requeues the job; the command resumes by itself from what it wrote.
 
     A plain class rather than a submitit.helpers.Checkpointable subclass, so that this module imports
     without submitit (submitit only looks for the `checkpoint` attribute).
@@ -53,6 +58,28 @@ class TrainTask:
         self.max_requeues = max_requeues
         self.requeues = 0
 
+    def checkpoint(self) -> Any:
+        """Called by submitit on rank 0 before requeueing: the same callable, or None, which stops
+        the requeues, once max_requeues are used."""
+        import submitit
+
+        if self.requeues >= self.max_requeues:
+            return None
+        self.requeues += 1
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def export_distributed_environment() -> None:
+    """The torch.distributed variables torchrun would set, from SLURM's. CUDA_VISIBLE_DEVICES stays
+    as SLURM set it: galaxydist selects cuda:LOCAL_RANK, as under torchrun."""
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+class TrainTask(Requeueable):
+    """galaxydist.train in each task; training saves last.pt when signalled and requeues here."""
+
     def __call__(self) -> int:
         import signal
 
@@ -60,8 +87,7 @@ class TrainTask:
 
         from galaxydist import train
 
-        # CUDA_VISIBLE_DEVICES stays as SLURM set it: train selects cuda:LOCAL_RANK, as under torchrun.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        export_distributed_environment()
         usr_sig = submitit.JobEnvironment._usr_sig()
         requeue = signal.getsignal(usr_sig)  # submitit's checkpoint-and-requeue handler; train overrides it
         code = train.main(self.argv)
@@ -79,15 +105,25 @@ class TrainTask:
             raise RuntimeError(f"galaxydist.train exited with code {code}; see this task's log")
         return code
 
-    def checkpoint(self) -> Any:
-        """Called by submitit on rank 0 before requeueing: the same callable (train resumes from
-        last.pt by itself), or None, which stops the requeues, once max_requeues are used."""
-        import submitit
 
-        if self.requeues >= self.max_requeues:
-            return None
-        self.requeues += 1
-        return submitit.helpers.DelayedSubmission(self)
+class InferTask(Requeueable):
+    """galaxydist.infer in each task, in the directory it was submitted from (its paths are the
+    user's, relative to it). submitit's own signal handler requeues the job; the parts are written
+    atomically, so a requeued run skips the finished ones and redoes only the rest."""
+
+    def __init__(self, argv: list[str], max_requeues: int) -> None:
+        super().__init__(argv, max_requeues)
+        self.directory = os.getcwd()
+
+    def __call__(self) -> int:
+        from galaxydist import infer
+
+        os.chdir(self.directory)
+        export_distributed_environment()
+        code = infer.main(self.argv)
+        if code:
+            raise RuntimeError(f"galaxydist.infer exited with code {code}; see this task's log")
+        return code
 
 
 def cancelled_by_user() -> bool:
@@ -112,6 +148,13 @@ def _count(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+VALUE_OPTIONS = (
+    "partition", "cluster", "sweep", "max-parallel", "nodes", "gpus-per-node", "tasks-per-node",
+    "cpus-per-task", "mem", "time", "account", "qos", "constraint", "job-name", "config", "log-dir",
+    "max-requeues",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,7 +258,7 @@ def sbatch_error(err: Exception) -> str:
     return "; ".join(dict.fromkeys(lines)) or str(err).strip()
 
 
-def submit(args: argparse.Namespace, train_argv: list[str], folder: Path, params: dict[str, Any]) -> Any:
+def submit(args: argparse.Namespace, task: Requeueable, folder: Path, params: dict[str, Any]) -> Any:
     import submitit
     from submitit.core.utils import FailedJobError
 
@@ -226,7 +269,7 @@ def submit(args: argparse.Namespace, train_argv: list[str], folder: Path, params
     executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; we say it once
-            return executor.submit(TrainTask(train_argv, args.max_requeues))
+            return executor.submit(task)
     except FailedJobError as err:
         raise UserError(f"sbatch rejected the job: {sbatch_error(err)}") from None
 
@@ -352,8 +395,61 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def split_command(parser_argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """submit.py's own arguments, and galaxydist.infer's after the word `infer` (None: training).
+    `infer` as the value of an option (`--job-name infer`) is not the command."""
+    with_value = {"--" + a for a in VALUE_OPTIONS}
+    for i, token in enumerate(parser_argv):
+        if token == "infer" and (i == 0 or parser_argv[i - 1] not in with_value):
+            return parser_argv[:i], parser_argv[i + 1 :]
+    return parser_argv, None
+
+
+def submit_infer(args: argparse.Namespace, infer_argv: list[str]) -> int:
+    """Check the inference's inputs here (as infer does before any work), then submit it."""
+    import torch
+
+    from galaxydist import infer
+    from galaxydist.inference.batch import check_output, manifest_for
+
+    if args.sweep or args.config or args.overrides or args.cluster == "local":
+        raise UserError("infer takes no --sweep, --config, --cluster local or key=value overrides")
+    parsed = infer.parse_args(infer_argv)
+    _, meta, catalogue = infer.check_inputs(parsed, torch.device("cpu"))
+    out = Path(parsed.out).resolve()
+    if check_output(out, manifest_for(meta, catalogue, infer.options_of(parsed)), parsed.force) == "complete":
+        print(f"{out}: already complete for this checkpoint and catalogue; nothing to submit")
+        return 0
+    folder = Path(args.log_dir).resolve() if args.log_dir else out.with_name(out.name + ".slurm")
+    params = sbatch_parameters(args)
+    if args.dry_run:
+        print(render_sbatch(folder, params))
+        print(f"# each task runs, in {Path.cwd()}: galaxydist.infer.main({infer_argv!r})", file=sys.stderr)
+        return 0
+    job = submit(args, InferTask(infer_argv, args.max_requeues), folder, params)
+    print(f"job id:     {job.job_id}")
+    print(f"logs:       {job.paths.stdout} (task 0; one .out/.err pair per task)")
+    print(f"output:     {out}", flush=True)
+    if not args.wait:
+        return 0
+    follow(job)
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        job.results()
+    except UncompletedJobError as err:
+        print(f"job {job.job_id} did not complete: {job_error(err)}", file=sys.stderr)
+        print(f"see {job.paths.stderr}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} completed; predictions in {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    own, infer_argv = split_command(sys.argv[1:] if argv is None else argv)
+    args = parse_args(own)
+    if infer_argv is not None:
+        return submit_infer(args, infer_argv)
     if args.sweep:
         return run_sweep(args)
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, not in the queue
@@ -371,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not Path(cfg.data.path).exists():
         raise UserError(f"{cfg.data.path}: prepared data not found (the job would fail at once)")
-    job = submit(args, train_argv, folder, params)
+    job = submit(args, TrainTask(train_argv, args.max_requeues), folder, params)
     print(f"job id:     {job.job_id}")
     print(f"logs:       {job.paths.stdout} (task 0; one .out/.err pair per task)")
     print(f"            {job.paths.stderr}")

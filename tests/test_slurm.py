@@ -190,6 +190,63 @@ def test_dry_run_prints_the_script_without_submitting(tmp_path, tiny_prepared):
     assert "job id" not in script and not out.exists()
 
 
+def local_infer(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "galaxydist.infer", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=ROOT, env=env)
+
+
+def test_infer_through_submit_requeues_on_preemption_and_equals_one_process(
+    tmp_path, tiny_prepared, slurm_run
+):
+    """`submit.py ... infer` shards over the job's 2 ranks; preempted once it has written a part,
+    it requeues, skips the written parts, and ends with the files one local process writes."""
+    import submitit
+
+    run, _ = slurm_run
+    options = ["--tta", "--part-size", "16", "--workers", "0", "--embeddings"]
+    reference = tmp_path / "reference"
+    local = local_infer(str(run), str(tiny_prepared), "--out", str(reference), *options)
+    assert local.returncode == 0, local.stderr[-2000:]
+    out = tmp_path / "predictions"
+    proc = submit(
+        *CPU_JOB, "--max-requeues", "2", "infer", str(run), str(tiny_prepared), "--out", str(out), *options
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"output:     {out}" in proc.stdout
+    job = submitit.SlurmJob(folder=tmp_path / "predictions.slurm", job_id=job_id(proc.stdout), tasks=(0, 1))
+    wait_for(lambda: any(out.glob("part-*.parquet")), JOB_TIMEOUT_S, "the first part")
+    job._interrupt()  # what a preemption sends: SIGTERM, then submitit's USR2
+    wait_for(job.done, JOB_TIMEOUT_S, "the requeued job to finish")
+    assert job.results() == [0, 0]
+    assert "Requeued job" in job.paths.stdout.read_text(), "the job ended before the interrupt landed"
+    parts = sorted(p.name for p in reference.glob("part-*.parquet"))
+    assert len(parts) > 2 and parts == sorted(p.name for p in out.glob("part-*.parquet"))
+    for name in parts:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_infer_is_checked_before_it_is_submitted(tmp_path, tiny_prepared, slurm_run):
+    run, _ = slurm_run
+    dry = submit(
+        *CPU_JOB, "--job-name", "infer", "--dry-run", "infer", str(run), str(tiny_prepared), "--out", "p"
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH --job-name=infer" in dry.stdout
+    assert f"each task runs, in {ROOT}: galaxydist.infer.main(" in dry.stderr  # the user's relative paths
+    cases = [
+        ([str(tmp_path / "missing.pt"), str(tiny_prepared)], "checkpoint not found"),
+        ([str(run), str(tmp_path / "missing.csv")], "not found"),
+    ]
+    for args, message in cases:
+        proc = submit(*CPU_JOB, "infer", *args, "--out", str(tmp_path / "out"))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.slurm").exists()
+    mixed = submit(*CPU_JOB, "--config", str(CONFIG), "infer", str(run), str(tiny_prepared), "--out", "x")
+    assert mixed.returncode == 2 and "infer takes no --sweep, --config" in mixed.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
