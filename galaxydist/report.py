@@ -34,6 +34,7 @@ METRICS = (
     ("winding", "winding"),
     ("epochs", "epochs"),
     ("seconds", "wall s"),
+    ("img_per_s", "train img/s"),
 )
 WINDINGS = ("Clockwise spiral", "Anticlockwise spiral")  # Galaxy Zoo 1's chiral pair
 
@@ -73,6 +74,7 @@ def read_run(folder: Path) -> Run:
         "winding": winding(confusion, summary.get("class_names", [])),
         "epochs": float(len(records)),
         "seconds": float(sum(r.get("seconds", 0.0) for r in records)),
+        "img_per_s": float(np.mean([r["images_per_second"] for r in records])) if records else float("nan"),
     }
     return Run(folder, flatten(config), values)
 
@@ -148,7 +150,7 @@ def markdown(rows: list[dict[str, Any]], failed: list[tuple[str, str]]) -> str:
     for row in rows:
         cells = []
         for metric, _ in metrics:
-            digits = 1 if metric in ("epochs", "seconds") else 4
+            digits = 1 if metric in ("epochs", "seconds", "img_per_s") else 4
             cells.append(f"{row[f'{metric}_mean']:.{digits}f} ± {row[f'{metric}_std']:.{digits}f}")
         lines.append(f"| {row['setting']} | {row['n']} | " + " | ".join(cells) + " |")
     if failed:

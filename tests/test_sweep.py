@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, read_metrics, tiny_overrides
 
 from galaxydist.models.cnn import GalaxyCNN
 from galaxydist.sweep import parse_sweeps, split_values
@@ -75,6 +76,9 @@ def test_a_local_sweep_with_one_failing_task_runs_the_others_and_reports_the_fai
     accuracies = [json.loads((sweep / n / "summary.json").read_text())["test_accuracy"] for n in done]
     mean_003 = (accuracies[1] + accuracies[2]) / 2
     assert f"{mean_003:.4f} ±" in table
+    rates = [np.mean([r["images_per_second"] for r in read_metrics(sweep / n)]) for n in done[1:]]
+    (line,) = [ln for ln in table.splitlines() if ln.startswith("| stages.0.lr=0.003 |")]
+    assert line.endswith(f"| {np.mean(rates):.1f} ± {np.std(rates, ddof=1):.1f} |")  # train img/s
     assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
