@@ -292,6 +292,20 @@ def follow(job: Any) -> None:
         time.sleep(2)
 
 
+def completed(job: Any) -> bool:
+    """Follow the job to its end; whether it completed (if not, say why and where to look)."""
+    from submitit.core.utils import UncompletedJobError
+
+    follow(job)
+    try:
+        job.results()
+    except UncompletedJobError as err:
+        print(f"job {job.job_id} did not complete: {job_error(err)}", file=sys.stderr)
+        print(f"see {job.paths.stderr}", file=sys.stderr)
+        return False
+    return True
+
+
 def task_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     """What each task passes to galaxydist.train.main: the config pinned to an absolute path."""
     return [*(["--config", str(Path(args.config).resolve())] if args.config else []), *overrides]
@@ -432,14 +446,7 @@ def submit_infer(args: argparse.Namespace, infer_argv: list[str]) -> int:
     print(f"output:     {out}", flush=True)
     if not args.wait:
         return 0
-    follow(job)
-    from submitit.core.utils import UncompletedJobError
-
-    try:
-        job.results()
-    except UncompletedJobError as err:
-        print(f"job {job.job_id} did not complete: {job_error(err)}", file=sys.stderr)
-        print(f"see {job.paths.stderr}", file=sys.stderr)
+    if not completed(job):
         return 1
     print(f"job {job.job_id} completed; predictions in {out}")
     return 0
@@ -474,15 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run folder: {run_folder}", flush=True)
     if not args.wait:
         return 0
-
-    follow(job)
-    from submitit.core.utils import UncompletedJobError
-
-    try:
-        job.results()
-    except UncompletedJobError as err:
-        print(f"job {job.job_id} did not complete: {job_error(err)}", file=sys.stderr)
-        print(f"see {job.paths.stderr}", file=sys.stderr)
+    if not completed(job):
         return 1
     summary = json.loads((run_folder / "summary.json").read_text())
     print(f"job {job.job_id} completed; summary ({run_folder / 'summary.json'}):")
