@@ -52,14 +52,17 @@ def write_catalogue(path: Path, names: list[str], rows: int) -> None:
             f.write(f"{i},{names[i % len(names)]}\n")
 
 
-def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, float]]:
-    """Wall seconds, and the peak RSS in MiB of the largest rank and of the largest loader worker."""
+def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, float], list[list[float]]]:
+    """Wall seconds, the peak RSS in MiB of the largest rank and of the largest loader worker, and
+    a trace: [seconds, the largest rank's RSS now] about once a second (does it level off?)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     launcher = psutil.Process(proc.pid)
     peaks: dict[int, float] = {}
     roles: dict[int, str] = {}
+    trace: list[list[float]] = []
     while proc.poll() is None:
+        ranks_now = [0.0]
         try:
             for child in launcher.children(recursive=True):
                 try:
@@ -68,8 +71,13 @@ def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, f
                 except psutil.NoSuchProcess:
                     continue
                 peaks[child.pid] = max(peaks.get(child.pid, 0.0), rss)
+                if roles[child.pid] == "rank":
+                    ranks_now.append(rss)
         except psutil.NoSuchProcess:
             break
+        now = time.perf_counter() - start
+        if not trace or now - trace[-1][0] >= 1.0:
+            trace.append([round(now, 1), round(max(ranks_now), 1)])
         time.sleep(0.1)
     seconds = time.perf_counter() - start
     if proc.returncode:
@@ -77,7 +85,7 @@ def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, f
     by_role = {
         role: max((peaks[p] for p in peaks if roles[p] == role), default=0.0) for role in ("rank", "worker")
     }
-    return seconds, by_role
+    return seconds, by_role, trace
 
 
 def main() -> None:
@@ -105,9 +113,15 @@ def main() -> None:
                 "-m", "galaxydist.infer", str(ckpt), str(catalogue), "--out", str(workdir / f"out_{rows}"),
                 "--batch-size", str(args.batch), "--workers", str(args.workers),
             ]  # fmt: skip
-            seconds, peak = run_sampled(cmd, env)
+            seconds, peak, trace = run_sampled(cmd, env)
             results.append(
-                {"rows": rows, "seconds": seconds, "img_per_s": rows / seconds, "peak_rss_mib": peak}
+                {
+                    "rows": rows,
+                    "seconds": seconds,
+                    "img_per_s": rows / seconds,
+                    "peak_rss_mib": peak,
+                    "trace": trace,
+                }
             )
             print(
                 f"{rows} rows: {rows / seconds:.0f} img/s ({seconds:.1f} s), peak RSS per rank "
