@@ -157,7 +157,7 @@ VALUE_OPTIONS = (
 )  # fmt: skip
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python launch/submit.py", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--partition", help="the SLURM partition (required with --cluster slurm)")
@@ -185,7 +185,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--dry-run", action="store_true", help="print the sbatch script and exit without submitting")
     add("--wait", action="store_true", help="follow the job to its end and print the summary")
     add("overrides", nargs="*", metavar="key=value", help="config overrides, as for galaxydist.train")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_intermixed_args(argv)
     if args.cluster == "slurm" and not args.partition:
         raise UserError("--partition is required to submit to SLURM (or --cluster local for a sweep here)")
     if args.cluster == "local" and not args.sweep:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -128,3 +129,17 @@ def test_report_compares_ordinary_run_folders_too(tiny_prepared, tmp_path):
 def test_report_of_a_folder_without_runs_is_one_line_exit_2(tmp_path):
     result = report(str(tmp_path))
     assert result.returncode == 2 and "no finished run" in result.stderr
+
+
+def test_submit_splits_off_the_infer_command_line():
+    spec = importlib.util.spec_from_file_location("submit", ROOT / "launch" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    parser = submit.build_parser()
+    with_value = {o for a in parser._actions for o in a.option_strings if a.nargs != 0 and o.startswith("--")}
+    assert with_value == {f"--{name}" for name in submit.VALUE_OPTIONS}  # the list follows the parser
+    own, rest = submit.split_command(
+        ["--job-name", "infer", "--wait", "infer", "run", "cat.csv", "--out", "o"]
+    )
+    assert own == ["--job-name", "infer", "--wait"] and rest == ["run", "cat.csv", "--out", "o"]
+    assert submit.split_command(["--partition", "gpu", "seed=1"]) == (["--partition", "gpu", "seed=1"], None)
