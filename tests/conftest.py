@@ -140,6 +140,13 @@ def without_timing(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
 
 
+# Runs compared parameter for parameter across world sizes or nodes train at this rate. At 3e-3
+# Adam turns float rounding, which changes with the batch split, the thread count and the CPU's
+# kernels, into steps of ±lr within two epochs: on an AMX Xeon one process on 1 and on 2 threads
+# ends 1.5e-3 apart. At 1e-4 that noise stays under 1e-6, while ranks that skip BatchNorm's
+# backward all-reduce end 1.3e-3 away from one process.
+COMPARED_LR = 1e-4
+
 REFERENCE_STAGES = "[{name: t, lr: 0.003, max_epochs: 4, patience: 9}]"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import (
+    COMPARED_LR,
     ROOT,
     read_metrics,
     require,
@@ -67,7 +68,7 @@ def two_node_cluster() -> None:
 
 def recipe(data: Path, out: Path, **extra: object) -> list[str]:
     return tiny_overrides(
-        data, out, stages=f"[{{name: t, lr: 0.003, max_epochs: {EPOCHS}, patience: 9}}]", **extra
+        data, out, stages=f"[{{name: t, lr: {COMPARED_LR}, max_epochs: {EPOCHS}, patience: 9}}]", **extra
     )
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    COMPARED_LR,
     ROOT,
     free_port,
     read_metrics,
@@ -65,7 +66,7 @@ def test_two_ranks_of_32_equal_one_rank_of_64(tiny_prepared, tmp_path, dropout):
         **{
             "model.dropout": dropout,
             "data.batch_size": 64,
-            "stages": "[{name: t, lr: 0.003, max_epochs: 2, patience: 5}]",
+            "stages": f"[{{name: t, lr: {COMPARED_LR}, max_epochs: 2, patience: 5}}]",
             "distributed.exact_batchnorm": "true",  # the one process sums as the ranks do
         },
     )
