@@ -52,9 +52,23 @@ def write_catalogue(path: Path, names: list[str], rows: int) -> None:
             f.write(f"{i},{names[i % len(names)]}\n")
 
 
+def private_mib(roles: dict[int, str]) -> float:
+    """The largest rank's USS now (reading smaps is slow: once a second)."""
+    largest = 0.0
+    for pid, role in roles.items():
+        if role != "rank":
+            continue
+        try:
+            largest = max(largest, psutil.Process(pid).memory_full_info().uss / 2**20)
+        except psutil.NoSuchProcess:
+            continue
+    return largest
+
+
 def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, float], list[list[float]]]:
     """Wall seconds, the peak RSS in MiB of the largest rank and of the largest loader worker, and
-    a trace: [seconds, the largest rank's RSS now] about once a second (does it level off?)."""
+    a trace about once a second: [seconds, the largest rank's RSS, its private memory (USS: RSS
+    less the pages it shares, such as torch's libraries)], in MiB (does it level off?)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     launcher = psutil.Process(proc.pid)
@@ -77,7 +91,7 @@ def run_sampled(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, f
             break
         now = time.perf_counter() - start
         if not trace or now - trace[-1][0] >= 1.0:
-            trace.append([round(now, 1), round(max(ranks_now), 1)])
+            trace.append([round(now, 1), round(max(ranks_now), 1), round(private_mib(roles), 1)])
         time.sleep(0.1)
     seconds = time.perf_counter() - start
     if proc.returncode:

@@ -165,7 +165,7 @@ def first_failure(out: Path, catalogue: Catalogue) -> str:
     with (out / FAILED).open(newline="") as f:
         first = next(csv.DictReader(f))
     row = int(first["row"])
-    return f"{catalogue.files[row] if catalogue.files else catalogue.ids[row]}: {first['reason']}"
+    return f"{catalogue.file_of(row) if catalogue.files is not None else catalogue.id_of(row)}: {first['reason']}"
 
 
 def cli() -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -19,7 +20,9 @@ from PIL import Image
 
 from galaxydist.data.dataset import SplitImages
 from galaxydist.data.format import read_prepared
+from galaxydist.errors import UserError
 from galaxydist.inference.batch import read_output
+from galaxydist.inference.catalogue import check_kind, open_catalogue
 from galaxydist.inference.engine import load_model, predict_proba
 
 ONE_EPOCH = "[{name: t, lr: 0.003, max_epochs: 1, patience: 5}]"
@@ -256,3 +259,36 @@ def test_an_output_the_file_system_refuses_is_exit_74(model_run, catalogue, tmp_
     result = infer(str(model_run), str(catalogue), "--out", str(blocker / "out"), "--workers", "0")
     assert result.returncode == 74, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1
+
+
+def test_a_long_catalogue_holds_no_python_object_per_row(tmp_path):
+    """200,000 rows opened, checked and digested: ids and paths live in Arrow buffers, so Python's
+    own allocations stay far below the ~30 MB that two lists of 200,000 strings take."""
+    rows = 200_000
+    table = tmp_path / "long.csv"
+    table.write_text("id,file\n" + "".join(f"{i:07d},img/g{i:07d}.jpg\n" for i in range(rows)))
+    tracemalloc.start()
+    try:
+        catalogue = open_catalogue(str(table), None, None, None)
+        check_kind(catalogue, None)
+        catalogue.identity()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(catalogue) == rows
+    assert catalogue.id_of(rows - 1) == f"{rows - 1:07d}"  # read as text: leading zeros kept
+    assert catalogue.file_of(7) == tmp_path / "img" / "g0000007.jpg"
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB of Python allocations for {rows} rows"
+
+
+def test_parquet_ids_of_any_type_become_text_and_an_empty_cell_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"objid": pa.array([7, 8], pa.int64()), "file": ["a.png", "b.png"]}), good)
+    assert open_catalogue(str(good), None, None, None).ids.to_pylist() == ["7", "8"]
+    holed = tmp_path / "holed.parquet"
+    pq.write_table(pa.table({"objid": ["x", "y"], "file": ["a.png", None]}), holed)
+    with pytest.raises(UserError, match=r"holed\.parquet: column 'file' is empty in data row 2"):
+        open_catalogue(str(holed), None, None, None)

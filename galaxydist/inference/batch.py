@@ -151,12 +151,12 @@ def write_part(
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["id", "row", "reason"])
-    writer.writerows([catalogue.ids[i], i, why] for i, why in failed)
+    writer.writerows([catalogue.id_of(i), i, why] for i, why in failed)
     with atomic_path(failed_path(out, index)) as tmp:
         tmp.write_text(text.getvalue())
     predicted = probs.argmax(1) if len(rows) else np.zeros(0, dtype=np.int64)
     columns = {
-        "id": pa.array([catalogue.ids[i] for i in rows], pa.string()),
+        "id": catalogue.ids.take(pa.array(rows, pa.int64())),
         "row": pa.array(rows, pa.int64()),
         "predicted": pa.array(predicted, pa.int64()),
         "class_name": pa.array([class_names[c] for c in predicted], pa.string()),

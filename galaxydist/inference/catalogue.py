@@ -2,9 +2,11 @@
 Parquet, paths relative to the table), an image folder, or a prepared file; every row with its
 id, in order.
 
-Rows are read one at a time (in DataLoader workers), through the checkpoint's own geometry, so
-memory stays bounded whatever the catalogue's length; an unreadable image is reported for its
-row, not raised.
+The ids and file names are held as Arrow string columns (one buffer each, a few bytes a row and no
+Python object per row, so that forked loader workers share them instead of copying them page by
+page as reference counts are touched), and images are read one row at a time in DataLoader
+workers, through the checkpoint's own geometry: a rank's memory is the model, its batches and
+the catalogue's own bytes. An unreadable image is reported for its row, not raised.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ..data.dataset import open_images
@@ -28,6 +32,7 @@ from ..errors import UserError
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", *FITS_SUFFIXES)
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 PREPARED_SUFFIXES = (".h5", ".hdf5")
+DIGEST_ROWS = 8192  # rows hashed at a time: the identity's memory does not grow with the catalogue
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,8 @@ class Catalogue:
     """The inputs in catalogue order: ids, and per row an image file or a prepared-file row."""
 
     path: Path
-    ids: list[str]
-    files: list[str] | None  # absolute image paths; None for a prepared file
+    ids: pa.Array  # strings, one per row
+    files: pa.Array | None  # image paths as written, relative to `root`; None for a prepared file
     prepared_rows: np.ndarray | None  # rows of the prepared file; None for images
     image_size: int | None = None  # a prepared file's side (its images are already squared)
     class_names: tuple[str, ...] | None = None  # a prepared file's classes
@@ -44,62 +49,97 @@ class Catalogue:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def root(self) -> Path:
+        """The folder that relative file paths start from."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def id_of(self, row: int) -> str:
+        return self.ids[row].as_py()
+
+    def file_of(self, row: int) -> Path:
+        assert self.files is not None, "a prepared file has rows, not files"
+        return self.root / self.files[row].as_py()
+
     def identity(self) -> str:
         """A digest of what is read (ids and files, or the prepared file's rows): a re-run may
         only resume output written for the same catalogue."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(str(self.path.resolve()).encode())
-        for item in (
-            self.ids,
-            self.files or [],
-            self.prepared_rows.tolist() if self.prepared_rows is not None else [],
-        ):
-            digest.update("\n".join(map(str, item)).encode())
+        columns = [self.ids] if self.files is None else [self.ids, self.files]
+        for column in columns:
+            for start in range(0, len(column), DIGEST_ROWS):
+                digest.update("\n".join(column.slice(start, DIGEST_ROWS).to_pylist()).encode() + b"\n")
+        if self.prepared_rows is not None:
+            digest.update(np.ascontiguousarray(self.prepared_rows, dtype=np.int64).tobytes())
         return digest.hexdigest()
 
 
-def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
-    """Column names and rows of a CSV or Parquet table, as strings."""
+def string_column(column: pa.ChunkedArray | pa.Array, name: str, path: Path) -> pa.Array:
+    """One contiguous string array of a table's column (numbers as their decimal text); an empty
+    cell is an error naming the column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_string(column.type):
+        try:
+            column = pc.cast(column, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise UserError(f"{path}: column {name!r} holds {column.type}, not ids or file names") from None
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise UserError(f"{path}: column {name!r} is empty in data row {row + 1}")
+    return column
+
+
+def read_table(path: Path) -> pa.Table:
+    """A CSV (every column as text: ids such as 007 keep their zeros) or Parquet table."""
     if path.suffix.lower() == ".csv":
+        import pyarrow.csv as pcsv
+
         with path.open(newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows:
+            header = next(csv.reader(f), None)
+        if not header:
             raise UserError(f"{path}: empty (no header)")
-        return rows[0], rows[1:]
+        try:
+            return pcsv.read_csv(
+                path, convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()))
+            )
+        except pa.ArrowInvalid as err:
+            raise UserError(f"{path}: not a readable CSV table ({str(err).splitlines()[0]})") from None
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except Exception as err:  # a damaged or foreign file
         raise UserError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
-    columns = table.column_names
-    values = [table.column(c).to_pylist() for c in columns]
-    return columns, [[str(v) for v in row] for row in zip(*values, strict=True)]
 
 
-def pick(header: Sequence[str], asked: str | None, choices: Sequence[str], what: str, path: Path) -> int:
+def pick(header: Sequence[str], asked: str | None, choices: Sequence[str], what: str, path: Path) -> str:
     lowered = [h.strip().lower() for h in header]
     names = [asked.lower()] if asked else list(choices)
     for name in names:
         if name in lowered:
-            return lowered.index(name)
+            return header[lowered.index(name)]
     flag = f"--{what}-column"
     wanted = repr(asked) if asked else " or ".join(map(repr, choices))
     raise UserError(f"{path}: no {what} column {wanted} (columns: {', '.join(header)}); name it with {flag}")
 
 
 def from_table(path: Path, id_column: str | None, file_column: str | None) -> Catalogue:
-    header, rows = read_table(path)
+    table = read_table(path)
+    header = table.column_names
     ids_at = pick(header, id_column, ("id", "objid", "dr8_id", "iauname"), "id", path)
     files_at = pick(header, file_column, ("file", "filename", "file_loc", "path", "image"), "file", path)
-    ids = [row[ids_at] for row in rows]
-    files = [str((path.parent / row[files_at]).resolve()) for row in rows]
+    ids = string_column(table.column(ids_at), ids_at, path)
+    files = string_column(table.column(files_at), files_at, path)
     return Catalogue(path, ids, files, None)
 
 
 def from_folder(path: Path) -> Catalogue:
-    files = sorted(p for p in path.iterdir() if split_suffix(p.name)[1].lower() in IMAGE_SUFFIXES)
-    return Catalogue(path, [split_suffix(p.name)[0] for p in files], [str(p.resolve()) for p in files], None)
+    names = sorted(p.name for p in path.iterdir() if split_suffix(p.name)[1].lower() in IMAGE_SUFFIXES)
+    return Catalogue(
+        path, pa.array([split_suffix(n)[0] for n in names], pa.string()), pa.array(names, pa.string()), None
+    )
 
 
 def from_prepared(path: Path, split: str | None) -> Catalogue:
@@ -107,7 +147,17 @@ def from_prepared(path: Path, split: str | None) -> Catalogue:
     if split is not None and split not in SPLITS:
         raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)} (or leave it out: every row)")
     rows = info.splits[split] if split else np.arange(info.shape[0])
-    return Catalogue(path, [str(int(r)) for r in rows], None, rows, info.image_size, info.class_names)
+    ids = pc.cast(pa.array(np.asarray(rows, dtype=np.int64)), pa.string())
+    return Catalogue(path, ids, None, rows, info.image_size, info.class_names)
+
+
+def first_duplicate(ids: pa.Array) -> str | None:
+    """The first id, in catalogue order, that appears more than once (None: all unique)."""
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return None
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    return ids.filter(pc.is_in(ids, value_set=repeated))[0].as_py()
 
 
 def open_catalogue(
@@ -127,9 +177,8 @@ def open_catalogue(
         raise UserError(f"{path}: not a catalogue (CSV/Parquet), an image folder or a prepared .h5")
     if not len(catalogue):
         raise UserError(f"{path}: no rows to classify")
-    if len(set(catalogue.ids)) != len(catalogue.ids):
-        seen: set[str] = set()
-        duplicate = next(i for i in catalogue.ids if i in seen or seen.add(i))
+    duplicate = first_duplicate(catalogue.ids)
+    if duplicate is not None:
         raise UserError(f"{path}: id {duplicate!r} appears more than once; ids must be unique")
     return catalogue
 
@@ -137,10 +186,16 @@ def open_catalogue(
 def check_kind(catalogue: Catalogue, fits: FitsStretch | None) -> None:
     """Every file of the kind the model was trained on, FITS cutouts (with `fits`, its stretch) or
     not: a whole catalogue of the other kind is one line before any work, not a row per failure."""
-    for file in catalogue.files or []:
-        problem = kind_mismatch(file, fits)
-        if problem:
-            raise UserError(f"{file}: {problem}")
+    if catalogue.files is None:
+        return
+    lowered = pc.utf8_lower(catalogue.files)
+    fits_files = pc.ends_with(lowered, FITS_SUFFIXES[0])
+    for suffix in FITS_SUFFIXES[1:]:
+        fits_files = pc.or_(fits_files, pc.ends_with(lowered, suffix))
+    other_kind = pc.invert(fits_files) if fits is not None else fits_files
+    if pc.any(other_kind).as_py():
+        file = catalogue.file_of(pc.index(other_kind, True).as_py())
+        raise UserError(f"{file}: {kind_mismatch(file, fits)}")
 
 
 class Rows(torch.utils.data.Dataset):
@@ -163,7 +218,7 @@ class Rows(torch.utils.data.Dataset):
                 self._images = open_images(self.info)
             row = int(self.catalogue.prepared_rows[i])
             return i, torch.from_numpy(np.ascontiguousarray(self._images[row].transpose(2, 0, 1))), ""
-        path = Path(self.catalogue.files[i])
+        path = self.catalogue.file_of(i)
         if not path.is_file():
             return i, None, "file not found"
         try:
