@@ -138,7 +138,7 @@ def write_part(
     out: Path,
     index: int,
     catalogue: Catalogue,
-    rows: list[int],
+    rows: np.ndarray,
     probs: np.ndarray,
     features: np.ndarray | None,
     failed: list[tuple[int, str]],
@@ -172,6 +172,44 @@ def write_part(
         pq.write_table(pa.table(columns), tmp)
 
 
+class PartBatches(torch.utils.data.Sampler):
+    """The rows of the given parts in batches that never cross a part, made as the loader asks
+    for them (a list of every batch would grow with the catalogue)."""
+
+    def __init__(self, ranges: list[range], batch_size: int) -> None:
+        self.ranges, self.batch_size = ranges, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for rows in self.ranges:
+            for start in range(0, len(rows), self.batch_size):
+                yield list(rows[start : start + self.batch_size])
+
+    def __len__(self) -> int:
+        return sum(-(-len(rows) // self.batch_size) for rows in self.ranges)
+
+
+class PartResults:
+    """One part's outputs, filled batch by batch into arrays made once at the part's start: no
+    allocation outlives a batch, so the heap's large buffers are reused instead of fragmented."""
+
+    def __init__(self, index: int, rows: range, classes: int, features: int, embeddings: str | None) -> None:
+        self.index, self.remaining = index, len(rows)
+        self.rows = np.empty(len(rows), dtype=np.int64)
+        self.probs = np.empty((len(rows), classes), dtype=np.float32)
+        self.features = np.empty((len(rows), features), dtype=embeddings) if embeddings else None
+        self.done = 0
+        self.failed: list[tuple[int, str]] = []
+
+    def add(self, rows: list[int], probs: np.ndarray | None, features: np.ndarray | None) -> None:
+        end = self.done + len(rows)
+        self.rows[self.done : end] = rows
+        if probs is not None:
+            self.probs[self.done : end] = probs
+        if self.features is not None and features is not None:
+            self.features[self.done : end] = features
+        self.done = end
+
+
 def run_parts(
     model: nn.Module,
     meta: ModelMeta,
@@ -182,31 +220,44 @@ def run_parts(
     mine: list[int],
     workers: int,
 ) -> Iterator[int]:
-    """Classify and write this rank's unfinished parts; yields the rows done after each batch."""
+    """Classify and write this rank's unfinished parts; yields the rows done after each batch.
+    One loader serves them all, so its workers decode on across the parts' boundaries."""
     all_parts = parts(len(catalogue), options.part_size)
+    todo = [index for index in mine if not part_path(out, index).exists()]
+    if not todo:
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=PartBatches([all_parts[index] for index in todo], options.batch_size),
+        num_workers=workers,
+        collate_fn=collate,
+    )
     width = len(meta.class_names)
-    for index in mine:
-        if part_path(out, index).exists():
-            continue
-        rows_of_part = list(all_parts[index])
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, rows_of_part),
-            batch_size=options.batch_size,
-            num_workers=workers,
-            collate_fn=collate,
-        )
-        done, probs, features, failed = [], [], [], []
-        for rows, images, bad in loader:
-            failed += bad
-            if images is not None:
-                p, f = classify(model, meta, images, options)
-                done += rows
-                probs.append(p)
-                features.append(f)
-            yield len(rows) + len(bad)
-        probs_array = np.concatenate(probs) if probs else np.zeros((0, width), dtype=np.float32)
-        feats = np.concatenate(features) if options.embeddings and features else None
-        write_part(out, index, catalogue, done, probs_array, feats, failed, meta.class_names)
+    parts_left = iter(todo)
+    part: PartResults | None = None
+    for rows, images, bad in loader:
+        if part is None:
+            index = next(parts_left)
+            part = PartResults(index, all_parts[index], width, model.feature_width, options.embeddings)
+        part.failed += bad
+        if images is not None:
+            part.add(rows, *classify(model, meta, images, options))
+        part.remaining -= len(rows) + len(bad)
+        yield len(rows) + len(bad)
+        if part.remaining == 0:
+            n = part.done
+            features = part.features[:n] if part.features is not None else None
+            write_part(
+                out,
+                part.index,
+                catalogue,
+                part.rows[:n],
+                part.probs[:n],
+                features,
+                part.failed,
+                meta.class_names,
+            )
+            part = None
 
 
 def finish_output(out: Path, count: int) -> tuple[int, int]:
