@@ -18,8 +18,9 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
-def keep_freed_memory() -> bool:
-    """Serve allocations up to 1 GiB from the heap and never trim it; True if glibc took it.
+def keep_freed_memory(largest: int = 1 << 30) -> bool:
+    """Serve allocations up to `largest` bytes (1 GiB) from the heap and never trim it; True if
+    glibc took it.
 
     Glibc before 2.35 caps the mmap threshold at 32 MiB, which then serves (most of the gain).
     A no-op off glibc (macOS, musl) and where the user already chose (malloc variables or
@@ -41,5 +42,5 @@ def keep_freed_memory() -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    mmap_set = mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, largest) or mallopt(_M_MMAP_THRESHOLD, min(largest, 32 << 20))
     return bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)) and bool(mmap_set)

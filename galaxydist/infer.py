@@ -50,6 +50,11 @@ from .inference.catalogue import Catalogue, Rows, check_kind, open_catalogue
 from .inference.engine import load_model
 from .progress import track
 
+# The largest buffer the never-trimmed heap serves; bigger ones are mapped afresh each time. A
+# catalogue-long run on the heap alone fragments it: buffers of 128 MiB and more come back at new
+# addresses and the holes stay resident, so RSS grows with the catalogue (BENCHMARKS.md §8).
+HEAP_LARGEST = 128 << 20
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -109,7 +114,7 @@ def options_of(args: argparse.Namespace) -> Options:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_freed_memory()
+    keep_freed_memory(HEAP_LARGEST)
     args = parse_args(argv)
     ctx = distributed.setup()
     together = False
