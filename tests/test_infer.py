@@ -292,3 +292,40 @@ def test_parquet_ids_of_any_type_become_text_and_an_empty_cell_is_named(tmp_path
     pq.write_table(pa.table({"objid": ["x", "y"], "file": ["a.png", None]}), holed)
     with pytest.raises(UserError, match=r"holed\.parquet: column 'file' is empty in data row 2"):
         open_catalogue(str(holed), None, None, None)
+
+
+def test_csv_quirks_keep_the_ids_as_written(tmp_path):
+    """Excel's byte-order mark, a repeated column name (the first is taken), a quoted newline."""
+    table = tmp_path / "excel.csv"
+    table.write_bytes(
+        b'\xef\xbb\xbfobjid,file,file\n007,"a\nb.png",x.png\n12345678901234567890123,c.png,y.png\n'
+    )
+    catalogue = open_catalogue(str(table), None, None, None)
+    assert catalogue.ids.to_pylist() == ["007", "12345678901234567890123"]
+    assert catalogue.files.to_pylist() == ["a\nb.png", "c.png"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("id,file\n1,a.png\n2,\n", "column 'file' is empty in data row 2"),
+        ("id,file\n1,a.png\n1,b.png\n", "id '1' appears more than once"),
+    ],
+)
+def test_bad_catalogue_cells_are_named(tmp_path, content, message):
+    table = tmp_path / "cat.csv"
+    table.write_text(content)
+    with pytest.raises(UserError, match=message):
+        open_catalogue(str(table), None, None, None)
+
+
+def test_float_ids_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "floats.parquet"
+    pq.write_table(pa.table({"id": [1.5e11, 2.0], "file": ["a.png", "b.png"]}), table)
+    with pytest.raises(
+        UserError, match="column 'id' holds double; ids and file names must be text or integers"
+    ):
+        open_catalogue(str(table), None, None, None)

@@ -142,6 +142,15 @@ def test_embeddings_have_the_feature_width_and_feed_the_head():
         torch.testing.assert_close(model.head[-1](features), model(x))
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_small_050"])
+def test_timm_embeddings_have_the_feature_width(arch):
+    """MobileNetV3's head has a hidden layer of its own: its pre-logits are wider than the trunk."""
+    pytest.importorskip("timm")
+    model = build_model(ModelConfig(name="timm", arch=arch), 5).eval()
+    with torch.no_grad():
+        assert model.embed(torch.randn(2, 3, 32, 32)).shape == (2, model.feature_width)
+
+
 def test_pretrained_imagenet_weights_load_completely_and_classify_a_photo():
     """The offline EfficientNet-Lite0 ImageNet file onto timm's efficientnet_lite0: every tensor
     but the head is the file's, and the ImageNet model (its own head) calls matplotlib's photo of

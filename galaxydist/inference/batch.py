@@ -156,7 +156,7 @@ def write_part(
         tmp.write_text(text.getvalue())
     predicted = probs.argmax(1) if len(rows) else np.zeros(0, dtype=np.int64)
     columns = {
-        "id": catalogue.ids.take(pa.array(rows, pa.int64())),
+        "id": catalogue.ids.take(pa.array(rows, pa.int64())).cast(pa.string()),
         "row": pa.array(rows, pa.int64()),
         "predicted": pa.array(predicted, pa.int64()),
         "class_name": pa.array([class_names[c] for c in predicted], pa.string()),

@@ -40,19 +40,15 @@ class Catalogue:
     """The inputs in catalogue order: ids, and per row an image file or a prepared-file row."""
 
     path: Path
-    ids: pa.Array  # strings, one per row
+    ids: pa.Array  # text, one per row
     files: pa.Array | None  # image paths as written, relative to `root`; None for a prepared file
     prepared_rows: np.ndarray | None  # rows of the prepared file; None for images
     image_size: int | None = None  # a prepared file's side (its images are already squared)
     class_names: tuple[str, ...] | None = None  # a prepared file's classes
+    root: Path = Path()  # the absolute folder that relative file paths start from
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def root(self) -> Path:
-        """The folder that relative file paths start from."""
-        return self.path if self.path.is_dir() else self.path.parent
 
     def id_of(self, row: int) -> str:
         return self.ids[row].as_py()
@@ -75,18 +71,19 @@ class Catalogue:
         return digest.hexdigest()
 
 
-def string_column(column: pa.ChunkedArray | pa.Array, name: str, path: Path) -> pa.Array:
-    """One contiguous string array of a table's column (numbers as their decimal text); an empty
-    cell is an error naming the column."""
+def text_column(column: pa.ChunkedArray | pa.Array, name: str, path: Path) -> pa.Array:
+    """One contiguous text array (64-bit offsets: no limit on the catalogue's bytes) of a table's
+    column; integers become their decimal text. Floats (ids would turn into 1.2e+11), other types
+    and empty cells are errors naming the column."""
+    kind = column.type
+    if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{path}: column {name!r} holds {kind}; ids and file names must be text or integers")
+    column = column.cast(pa.large_string())
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if not pa.types.is_string(column.type):
-        try:
-            column = pc.cast(column, pa.string())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise UserError(f"{path}: column {name!r} holds {column.type}, not ids or file names") from None
-    if column.null_count:
-        row = pc.index(pc.is_null(column), True).as_py()
+    empty = pc.or_kleene(pc.is_null(column), pc.equal(column, ""))
+    if pc.any(empty).as_py():
+        row = pc.index(empty, True).as_py()
         raise UserError(f"{path}: column {name!r} is empty in data row {row + 1}")
     return column
 
@@ -96,16 +93,24 @@ def read_table(path: Path) -> pa.Table:
     if path.suffix.lower() == ".csv":
         import pyarrow.csv as pcsv
 
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), None)
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM is not a name
+                header = next(csv.reader(f), None)
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         if not header:
             raise UserError(f"{path}: empty (no header)")
+        names = [f"{i}" for i in range(len(header))]  # by position: a repeated name is no problem
         try:
-            return pcsv.read_csv(
-                path, convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()))
+            table = pcsv.read_csv(
+                path,
+                read_options=pcsv.ReadOptions(column_names=names, skip_rows=1),
+                parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                convert_options=pcsv.ConvertOptions(column_types=dict.fromkeys(names, pa.large_string())),
             )
         except pa.ArrowInvalid as err:
             raise UserError(f"{path}: not a readable CSV table ({str(err).splitlines()[0]})") from None
+        return table.rename_columns(header)
     import pyarrow.parquet as pq
 
     try:
@@ -114,12 +119,13 @@ def read_table(path: Path) -> pa.Table:
         raise UserError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
 
 
-def pick(header: Sequence[str], asked: str | None, choices: Sequence[str], what: str, path: Path) -> str:
+def pick(header: Sequence[str], asked: str | None, choices: Sequence[str], what: str, path: Path) -> int:
+    """The position of the asked column, or of the first of `choices`, in `header`."""
     lowered = [h.strip().lower() for h in header]
     names = [asked.lower()] if asked else list(choices)
     for name in names:
         if name in lowered:
-            return header[lowered.index(name)]
+            return lowered.index(name)
     flag = f"--{what}-column"
     wanted = repr(asked) if asked else " or ".join(map(repr, choices))
     raise UserError(f"{path}: no {what} column {wanted} (columns: {', '.join(header)}); name it with {flag}")
@@ -130,9 +136,9 @@ def from_table(path: Path, id_column: str | None, file_column: str | None) -> Ca
     header = table.column_names
     ids_at = pick(header, id_column, ("id", "objid", "dr8_id", "iauname"), "id", path)
     files_at = pick(header, file_column, ("file", "filename", "file_loc", "path", "image"), "file", path)
-    ids = string_column(table.column(ids_at), ids_at, path)
-    files = string_column(table.column(files_at), files_at, path)
-    return Catalogue(path, ids, files, None)
+    ids = text_column(table.column(ids_at), header[ids_at], path)
+    files = text_column(table.column(files_at), header[files_at], path)
+    return Catalogue(path, ids, files, None, root=path.resolve().parent)
 
 
 def from_folder(path: Path) -> Catalogue:
@@ -147,7 +153,7 @@ def from_prepared(path: Path, split: str | None) -> Catalogue:
     if split is not None and split not in SPLITS:
         raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)} (or leave it out: every row)")
     rows = info.splits[split] if split else np.arange(info.shape[0])
-    ids = pc.cast(pa.array(np.asarray(rows, dtype=np.int64)), pa.string())
+    ids = pa.array(np.asarray(rows, dtype=np.int64)).cast(pa.large_string())
     return Catalogue(path, ids, None, rows, info.image_size, info.class_names)
 
 
@@ -194,8 +200,9 @@ def check_kind(catalogue: Catalogue, fits: FitsStretch | None) -> None:
         fits_files = pc.or_(fits_files, pc.ends_with(lowered, suffix))
     other_kind = pc.invert(fits_files) if fits is not None else fits_files
     if pc.any(other_kind).as_py():
-        file = catalogue.file_of(pc.index(other_kind, True).as_py())
-        raise UserError(f"{file}: {kind_mismatch(file, fits)}")
+        row = pc.index(other_kind, True).as_py()
+        problem = kind_mismatch(catalogue.files[row].as_py(), fits)  # the name as the mask read it
+        raise UserError(f"{catalogue.file_of(row)}: {problem}")
 
 
 class Rows(torch.utils.data.Dataset):

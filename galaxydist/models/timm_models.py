@@ -33,7 +33,9 @@ class TimmModel(nn.Module):
         self.net = timm.create_model(
             arch, pretrained=False, num_classes=num_classes, in_chans=3, drop_rate=dropout
         )
-        self.feature_width = self.net.num_features
+        # embed() returns the head's pre-logits: wider than the trunk where a head has its own
+        # hidden layer (MobileNetV3, GhostNet).
+        self.feature_width = getattr(self.net, "head_hidden_size", None) or self.net.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
