@@ -82,26 +82,22 @@ def test_world_sizes_one_and_three_write_identical_files_in_catalogue_order(mode
 
 
 def test_a_kill_9_then_the_same_command_gives_the_undisturbed_output(model_run, catalogue, tmp_path):
+    """Killed once a few of its 151 parts are written (long enough that it cannot finish while
+    the kill is on its way), then run again: the undisturbed output."""
+    rows = [f"{i},img/g{i % 150}.png" for i in range(1500)]
+    long = catalogue.parent / "long.csv"
+    long.write_text("objid,file\n" + "\n".join(rows) + "\n9999,img/missing.png\n")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     args = ["--part-size", "10", "--workers", "0", "--batch-size", "2"]
-    assert infer(str(model_run), str(catalogue), "--out", str(reference), *args).returncode == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "galaxydist.infer",
-        str(model_run),
-        str(catalogue),
-        "--out",
-        str(killed),
-        *args,
-    ]
+    assert infer(str(model_run), str(long), "--out", str(reference), *args).returncode == 0
+    cmd = [sys.executable, "-m", "galaxydist.infer", str(model_run), str(long), "--out", str(killed), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: len(list(killed.glob("part-*.parquet"))) >= 3, 120, "a few parts")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     written = len(list(killed.glob("part-*.parquet")))
-    assert 3 <= written < 16  # stopped midway
-    resumed = infer(str(model_run), str(catalogue), "--out", str(killed), *args)
+    assert 3 <= written < 151  # stopped midway
+    resumed = infer(str(model_run), str(long), "--out", str(killed), *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_output(killed).equals(read_output(reference))
     assert (killed / "_failed.csv").read_text() == (reference / "_failed.csv").read_text()

@@ -40,12 +40,12 @@ class Catalogue:
     """The inputs in catalogue order: ids, and per row an image file or a prepared-file row."""
 
     path: Path
+    root: Path  # the absolute folder that relative file paths start from
     ids: pa.Array  # text, one per row
     files: pa.Array | None  # image paths as written, relative to `root`; None for a prepared file
     prepared_rows: np.ndarray | None  # rows of the prepared file; None for images
     image_size: int | None = None  # a prepared file's side (its images are already squared)
     class_names: tuple[str, ...] | None = None  # a prepared file's classes
-    root: Path = Path()  # the absolute folder that relative file paths start from
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -138,14 +138,13 @@ def from_table(path: Path, id_column: str | None, file_column: str | None) -> Ca
     files_at = pick(header, file_column, ("file", "filename", "file_loc", "path", "image"), "file", path)
     ids = text_column(table.column(ids_at), header[ids_at], path)
     files = text_column(table.column(files_at), header[files_at], path)
-    return Catalogue(path, ids, files, None, root=path.resolve().parent)
+    return Catalogue(path, path.resolve().parent, ids, files, None)
 
 
 def from_folder(path: Path) -> Catalogue:
     names = sorted(p.name for p in path.iterdir() if split_suffix(p.name)[1].lower() in IMAGE_SUFFIXES)
-    return Catalogue(
-        path, pa.array([split_suffix(n)[0] for n in names], pa.string()), pa.array(names, pa.string()), None
-    )
+    ids = pa.array([split_suffix(n)[0] for n in names], pa.large_string())
+    return Catalogue(path, path.resolve(), ids, pa.array(names, pa.large_string()), None)
 
 
 def from_prepared(path: Path, split: str | None) -> Catalogue:
@@ -154,7 +153,7 @@ def from_prepared(path: Path, split: str | None) -> Catalogue:
         raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)} (or leave it out: every row)")
     rows = info.splits[split] if split else np.arange(info.shape[0])
     ids = pa.array(np.asarray(rows, dtype=np.int64)).cast(pa.large_string())
-    return Catalogue(path, ids, None, rows, info.image_size, info.class_names)
+    return Catalogue(path, path.resolve().parent, ids, None, rows, info.image_size, info.class_names)
 
 
 def first_duplicate(ids: pa.Array) -> str | None:
