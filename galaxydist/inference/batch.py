@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..allocator import release_freed_memory
 from ..atomic import atomic_path
 from ..checkpoint import ModelMeta
 from ..data.augment import normalise
@@ -258,6 +259,7 @@ def run_parts(
                 meta.class_names,
             )
             part = None
+            release_freed_memory()  # the holes this part left in the heap
 
 
 def finish_output(out: Path, count: int) -> tuple[int, int]:
