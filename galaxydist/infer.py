@@ -50,9 +50,10 @@ from .inference.catalogue import Catalogue, Rows, check_kind, open_catalogue
 from .inference.engine import load_model
 from .progress import track
 
-# The largest buffer the never-trimmed heap serves; bigger ones are mapped afresh each time. A
-# catalogue-long run on the heap alone fragments it: buffers of 128 MiB and more come back at new
-# addresses and the holes stay resident, so RSS grows with the catalogue (BENCHMARKS.md §8).
+# The largest buffer the host heap serves; bigger ones are mapped afresh each time. A
+# catalogue-long run on a heap that keeps everything fragments it: large buffers come back at new
+# addresses and the holes stay resident, so RSS grew with the catalogue. With this cap and the
+# heap's free pages handed back after each part it stays flat (BENCHMARKS.md §9).
 HEAP_LARGEST = 128 << 20
 
 

@@ -190,8 +190,8 @@ class PartBatches(torch.utils.data.Sampler):
 
 
 class PartResults:
-    """One part's outputs, filled batch by batch into arrays made once at the part's start: no
-    allocation outlives a batch, so the heap's large buffers are reused instead of fragmented."""
+    """One part's outputs, filled batch by batch into arrays made once at the part's start (no
+    per-batch arrays kept to be concatenated at its end)."""
 
     def __init__(self, index: int, rows: range, classes: int, features: int, embeddings: str | None) -> None:
         self.index, self.remaining = index, len(rows)
