@@ -138,6 +138,21 @@ def test_label_smoothing_enters_the_training_loss():
     assert sums[0.2] == pytest.approx(expected, rel=1e-5) and sums[0.2] != pytest.approx(sums[0.0])
 
 
+def test_a_run_trains_with_its_configured_ema_and_label_smoothing(tiny_prepared, tmp_path, monkeypatch):
+    """The config reaches the training step: an average with a tiny decay ends on the trained
+    weights (not on those it started from), and label smoothing changes the training loss."""
+    stages = "[{name: t, lr: 0.003, max_epochs: 1, patience: 1}]"
+    losses = {}
+    for smoothing in (0.0, 0.3):
+        run = tmp_path / f"run{smoothing}"
+        extra = {"loss.label_smoothing": smoothing, "ema.decay": 1e-6, "stages": stages}
+        assert in_process(tiny_overrides(tiny_prepared, run, **extra), monkeypatch) == 0
+        losses[smoothing] = read_metrics(run)[0]["train_loss"]
+        last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert_same_state(last["ema"], last["model"], rtol=0, atol=1e-5)
+    assert losses[0.3] != losses[0.0]  # one process, one seed: without smoothing they are bit-equal
+
+
 def test_class_weight_power_weights_the_loss_in_training_and_in_evaluate(
     tiny_prepared, tmp_path, monkeypatch
 ):

@@ -203,7 +203,14 @@ class Trainer:
         if isinstance(self.step, GraphedStep):
             self.captured_graph |= self.step.graph is not None
         step = TrainStep(
-            parts.forward, self.optimizer, parts.class_weights, parts.transform, self.ctx, parts.bf16
+            parts.forward,
+            self.optimizer,
+            parts.class_weights,
+            parts.transform,
+            self.ctx,
+            parts.bf16,
+            self.cfg.loss.label_smoothing,
+            self.ema,
         )
         self.step = GraphedStep(step) if parts.cuda_graphs else step
 
