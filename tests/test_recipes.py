@@ -138,6 +138,29 @@ def test_label_smoothing_enters_the_training_loss():
     assert sums[0.2] == pytest.approx(expected, rel=1e-5) and sums[0.2] != pytest.approx(sums[0.0])
 
 
+def test_ema_of_an_equivariant_cnn_evaluates_its_averaged_filters():
+    """e2cnn expands its filters when switched to eval mode; the average rebuilds them from its own
+    weights as they move, not from those it was copied from."""
+    pytest.importorskip("e2cnn")
+    from galaxydist.models.equivariant import EquivariantCNN
+
+    torch.manual_seed(0)
+    model = EquivariantCNN("C4", [2, 2], 3, dropout=0.0)
+    ema = EMA(model, decay=1e-6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(8, 3, 16, 16)
+    for _ in range(3):
+        model.train()
+        optimizer.zero_grad()
+        model(x).logsumexp(1).mean().backward()
+        optimizer.step()
+        ema.update()
+    with torch.no_grad():
+        trained = model.eval()(x)
+        averaged = ema.refresh()(x)
+    torch.testing.assert_close(averaged, trained, rtol=1e-4, atol=1e-5)
+
+
 def test_a_run_trains_with_its_configured_ema_and_label_smoothing(tiny_prepared, tmp_path, monkeypatch):
     """The config reaches the training step: an average with a tiny decay ends on the trained
     weights (not on those it started from), and label smoothing changes the training loss."""

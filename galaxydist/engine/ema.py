@@ -34,6 +34,12 @@ class EMA:
             if i not in floating
         ]
 
+    def refresh(self) -> nn.Module:
+        """The average, ready to evaluate. Some modules cache tensors derived from their weights
+        when switched to eval mode (e2cnn's R2Conv expands its filter then), and the average's
+        weights change in place: passing through train mode rebuilds those caches from them."""
+        return self.model.train().eval()
+
     @torch.no_grad()
     def update(self) -> None:
         targets, sources = self.float_pairs

@@ -235,7 +235,8 @@ class Trainer:
         """Exact metrics over the whole split: each rank its unpadded shard, then a sum.
         `full_precision` turns bf16 autocast off, for numbers `galaxydist.evaluate` reproduces."""
         ctx, k, parts = self.ctx, self.info.num_classes, self.parts
-        model = self.eval_model.eval()  # a bare module: no DDP buffer broadcast, no collective per batch
+        # A bare module: no DDP buffer broadcast, no collective per batch.
+        model = self.ema.refresh() if self.ema else self.model.eval()
         cm = torch.zeros(k, k, dtype=torch.int64, device=ctx.device)
         sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         transform, bf16 = parts.transform, parts.bf16 and not full_precision
