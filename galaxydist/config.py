@@ -68,6 +68,10 @@ class LossConfig:
     # Class weights are the prepared file's inverse frequencies raised to this power: 1 balances
     # the classes fully, 0 leaves them unweighted, 0.5 (square root) trades between the two.
     class_weight_power: float = 1.0
+    # Logit adjustment (Menon et al. 2021, arXiv:2007.07314): the training loss sees the logits plus
+    # this × log(training class frequency), so the trained logits lean to the rare classes by as much
+    # at prediction. 0: off; 1: aims at balanced accuracy. Evaluation losses use the plain logits.
+    logit_adjustment: float = 0.0
 
 
 @dataclass
@@ -250,6 +254,8 @@ def _check(cfg: Config) -> None:
         raise UserError(
             f"config key 'loss.class_weight_power': must be in [0, 1], got {cfg.loss.class_weight_power}"
         )
+    if cfg.loss.logit_adjustment < 0:
+        raise UserError(f"config key 'loss.logit_adjustment': must be >= 0, got {cfg.loss.logit_adjustment}")
     if cfg.ema.decay is not None and not 0.0 < cfg.ema.decay < 1.0:
         raise UserError(f"config key 'ema.decay': must be in (0, 1) or null, got {cfg.ema.decay}")
     seen: set[int] = set()

@@ -161,19 +161,53 @@ def test_ema_of_an_equivariant_cnn_evaluates_its_averaged_filters():
     torch.testing.assert_close(averaged, trained, rtol=1e-4, atol=1e-5)
 
 
-def test_a_run_trains_with_its_configured_ema_and_label_smoothing(tiny_prepared, tmp_path, monkeypatch):
+def test_a_run_trains_with_its_configured_ema_label_smoothing_and_logit_adjustment(
+    tiny_prepared, tmp_path, monkeypatch
+):
     """The config reaches the training step: an average with a tiny decay ends on the trained
     weights (not on those it started from), and label smoothing changes the training loss."""
     stages = "[{name: t, lr: 0.003, max_epochs: 1, patience: 1}]"
     losses = {}
-    for smoothing in (0.0, 0.3):
-        run = tmp_path / f"run{smoothing}"
-        extra = {"loss.label_smoothing": smoothing, "ema.decay": 1e-6, "stages": stages}
+    for smoothing, adjustment in ((0.0, 0.0), (0.3, 0.0), (0.0, 1.0)):
+        run = tmp_path / f"run{smoothing}_{adjustment}"
+        extra = {
+            "loss.label_smoothing": smoothing,
+            "loss.logit_adjustment": adjustment,
+            "ema.decay": 1e-6,
+            "stages": stages,
+        }
         assert in_process(tiny_overrides(tiny_prepared, run, **extra), monkeypatch) == 0
-        losses[smoothing] = read_metrics(run)[0]["train_loss"]
+        losses[smoothing, adjustment] = read_metrics(run)[0]["train_loss"]
         last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
         assert_same_state(last["ema"], last["model"], rtol=0, atol=1e-5)
-    assert losses[0.3] != losses[0.0]  # one process, one seed: without smoothing they are bit-equal
+    # One process, one seed: without the options reaching the loss the three are bit-equal.
+    assert losses[0.3, 0.0] != losses[0.0, 0.0] and losses[0.0, 1.0] != losses[0.0, 0.0]
+
+
+def test_logit_adjustment_adds_tau_log_frequency_to_the_logits_of_the_training_loss():
+    torch.manual_seed(0)
+    model = GalaxyCNN([4], 3, dropout=0.0)
+    from galaxydist import distributed
+
+    ctx = distributed.Context(0, 1, 0, torch.device("cpu"))
+    transform = BatchTransform(torch.zeros(3), torch.ones(3), 0.0, 0.0, 0.0, False)
+    images, labels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+    frequency = torch.tensor([0.7, 0.2, 0.1])
+    offsets = 0.5 * frequency.log()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = TrainStep(model, optimizer, torch.ones(3), transform, ctx, False, logit_offsets=offsets)
+    draws, keys, stop = (
+        torch.zeros(4, 3),
+        torch.zeros(4, dtype=torch.int64),
+        torch.zeros(1, dtype=torch.float64),
+    )
+    loss_sum = step(images, labels, draws, keys, stop)[1][0].item()
+    logits = model(images.float() / 255)
+    expected = torch.nn.functional.cross_entropy(logits + offsets, labels, reduction="sum").item()
+    assert loss_sum == pytest.approx(expected, rel=1e-5)
+    assert loss_sum != pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+    )
 
 
 def test_class_weight_power_weights_the_loss_in_training_and_in_evaluate(
@@ -280,6 +314,7 @@ def test_two_ranks_of_32_equal_one_rank_of_64_with_every_feature(tiny_prepared, 
         ({"optim.name": "sgd"}, "'optim.name': 'sgd' is not one of adam | adamw"),
         ({"ema.decay": 1.5}, "'ema.decay': must be in (0, 1)"),
         ({"loss.label_smoothing": -0.1}, "'loss.label_smoothing'"),
+        ({"loss.logit_adjustment": -1}, "'loss.logit_adjustment': must be >= 0"),
         ({"loss.class_weight_power": 2}, "'loss.class_weight_power': must be in [0, 1], got 2"),
         ({"stages.0.schedule": "linear"}, "'stages.0.schedule': 'linear' is not one of"),
     ],

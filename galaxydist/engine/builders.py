@@ -215,6 +215,9 @@ def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo, model
         class_weights=torch.tensor(
             info.class_weights**cfg.loss.class_weight_power, dtype=torch.float32, device=device
         ),
+        # log frequency = −log(weight) + a constant, which softmax ignores.
+        logit_offsets=-cfg.loss.logit_adjustment
+        * torch.tensor(info.class_weights, dtype=torch.float32, device=device).log(),
         make_optimizer=optimizer_factory(cfg.optim, device, cuda_graphs),
         run=run,
         tracker=tracker,

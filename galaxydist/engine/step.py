@@ -37,10 +37,11 @@ class TrainStep:
         bf16: bool,
         label_smoothing: float = 0.0,
         ema: EMA | None = None,
+        logit_offsets: torch.Tensor | None = None,
     ) -> None:
         self.forward, self.optimizer, self.weights = forward, optimizer, class_weights
         self.transform, self.ctx, self.bf16 = transform, ctx, bf16
-        self.label_smoothing, self.ema = label_smoothing, ema
+        self.label_smoothing, self.ema, self.logit_offsets = label_smoothing, ema, logit_offsets
         self.dropouts = keyed_dropouts(forward) if isinstance(forward, torch.nn.Module) else []
         self.keys: torch.Tensor | None = None  # one tensor the dropout layers keep reading
 
@@ -60,9 +61,8 @@ class TrainStep:
         # per forward anyway.
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             logits = self.forward(x)
-        losses = F.cross_entropy(
-            logits.float(), labels, reduction="none", label_smoothing=self.label_smoothing
-        )
+        adjusted = logits.float() if self.logit_offsets is None else logits.float() + self.logit_offsets
+        losses = F.cross_entropy(adjusted, labels, reduction="none", label_smoothing=self.label_smoothing)
         w = self.weights[labels]
         weighted_sum = (w * losses).sum()
         # One small collective per step: the global weight sum (the loss is normalised over the

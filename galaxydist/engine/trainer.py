@@ -65,6 +65,7 @@ class TrainingParts:
     eval_loaders: dict[str, Iterable]
     transform: BatchTransform
     class_weights: torch.Tensor
+    logit_offsets: torch.Tensor  # added to the logits in the training loss (loss.logit_adjustment)
     make_optimizer: OptimizerFactory
     run: RunFolder
     tracker: Tracker | None
@@ -211,6 +212,7 @@ class Trainer:
             parts.bf16,
             self.cfg.loss.label_smoothing,
             self.ema,
+            parts.logit_offsets,
         )
         self.step = GraphedStep(step) if parts.cuda_graphs else step
 
