@@ -58,10 +58,14 @@ def test_a_recipe_with_a_bad_key_or_value_does_not_load(tmp_path, old, new, mess
 
 
 def header_prepare(path: Path) -> list[str]:
-    """The `python -m galaxydist.prepare ...` command in a recipe's header comment, as arguments."""
-    for line in path.read_text().splitlines():
-        command = line.lstrip("# ").strip()
-        if line.startswith("#") and command.startswith("python -m galaxydist.prepare "):
+    """The `python -m galaxydist.prepare ...` command in a recipe's header comment (continued over
+    lines ending in a backslash), as arguments."""
+    header = [line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    for i, command in enumerate(header):
+        if command.startswith("python -m galaxydist.prepare "):
+            while command.endswith("\\") and i + 1 < len(header):
+                i += 1
+                command = command[:-1] + " " + header[i]
             return shlex.split(command)[3:]
     raise AssertionError(f"{path.name}: no prepare command in the header")
 
@@ -77,6 +81,15 @@ def test_the_header_prepares_the_full_galaxy10_file_into_data_path_at_a_size_the
     needs, _ = family_of(cfg.model).input_needs(cfg.model)
     # e2cnn's invariance is exact for the grid's symmetries only when every pool halves evenly.
     assert side % needs == 0 if cfg.model.name == "e2cnn" else side >= needs
+
+
+def test_the_gz1_header_prepares_data_path_at_a_side_its_c8_pools_halve_evenly():
+    args = header_prepare(ROOT / "configs" / "gz1.yaml")
+    cfg = load_config(ROOT / "configs" / "gz1.yaml")
+    options = dict(zip(args[:4:2] + args[5::2], args[1:4:2] + args[6::2], strict=True))  # args[4]: DST
+    assert options["--images"] == "../shared/data/gz1-sdss/images" and args[4] == cfg.data.path
+    needs, _ = family_of(cfg.model).input_needs(cfg.model)
+    assert int(options["--resize"]) % needs == 0 and int(options["--crop"]) <= 423  # the cutouts are 423²
 
 
 @pytest.fixture(scope="module")
