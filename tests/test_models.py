@@ -292,3 +292,22 @@ def test_keyed_dropout_masks_follow_the_sample_not_the_batch():
     other.keys, other.salt = layer.keys, 1
     assert not torch.equal(other(x[:3]), half)  # and between layers
     assert torch.equal(layer.eval()(x), x)
+
+
+def test_an_e2cnn_state_dict_has_the_same_keys_in_either_mode_and_loads_old_checkpoints():
+    """e2cnn registers its expanded filter on entering eval mode and deletes it in train mode;
+    they are derived from the weights, so they stay out of the state dict; checkpoints that
+    still hold them (written before) load."""
+    pytest.importorskip("e2cnn")
+    cfg = ModelConfig(name="e2cnn", group="C4", channels=[2, 4], dropout=0.0)
+    model = build_model(cfg, 3)
+    training = model.train().state_dict()
+    evaluating = model.eval().state_dict()
+    assert training.keys() == evaluating.keys() and not any(k.endswith(".filter") for k in training)
+    fresh = build_model(cfg, 3)
+    fresh.load_state_dict(training)
+    old = {**training, "blocks.0.0.filter": torch.zeros(8, 3, 5, 5)}
+    fresh.load_state_dict(old)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x))

@@ -27,6 +27,7 @@ from galaxydist.models.cnn import GalaxyCNN
 
 EVERY_FEATURE = {
     "optim.name": "adamw",
+    "loss.logit_adjustment": 0.5,
     "optim.weight_decay": 0.05,
     "loss.label_smoothing": 0.1,
     "ema.decay": 0.9,
@@ -284,6 +285,37 @@ def test_a_run_with_every_feature_resumed_mid_epoch_ends_like_an_uninterrupted_o
     summary = json.loads((straight / "summary.json").read_text())
     from galaxydist import evaluate
 
+    assert evaluate.evaluate(straight, "test")["plain"]["confusion"] == summary["test_confusion"]
+
+
+def test_an_e2cnn_run_with_ema_resumed_mid_epoch_in_its_second_stage_ends_like_an_uninterrupted_one(
+    tiny_prepared, tmp_path, monkeypatch, capsys
+):
+    """e2cnn's expanded filters come and go with the mode: the checkpoints must load whichever mode
+    wrote them, at a stage change (best.pt into the training model) and on resume (last.pt)."""
+    pytest.importorskip("e2cnn")
+    extra = {
+        "model.name": "e2cnn",
+        "model.group": "C4",
+        "model.channels": "[2,4,4]",
+        "ema.decay": 0.9,
+        "loss.logit_adjustment": 0.5,
+        "stages": "[{name: a, lr: 0.003, max_epochs: 1, patience: 9}, {name: b, lr: 0.001, max_epochs: 1, patience: 9}]",
+    }
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert in_process(tiny_overrides(tiny_prepared, straight, **extra), monkeypatch) == 0
+    args = tiny_overrides(tiny_prepared, resumed, **extra)
+    steps = 420 // 32  # tiny_prepared's training split at batch 32
+    with monkeypatch.context() as patch:
+        assert in_process(args, patch, stop_after=steps + 5) == train.EXIT_INTERRUPTED
+    stopped = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert (stopped["position"]["stage"], stopped["position"]["step"]) == (1, 6)
+    assert in_process(args, monkeypatch) == 0
+    assert "resuming from" in capsys.readouterr().out
+    a, b = (torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in (straight, resumed))
+    for part in ("model", "ema"):
+        assert_same_state(a[part], b[part], rtol=0, atol=0)
+    summary = json.loads((straight / "summary.json").read_text())
     assert evaluate.evaluate(straight, "test")["plain"]["confusion"] == summary["test_confusion"]
 
 

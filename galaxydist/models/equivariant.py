@@ -61,6 +61,16 @@ def _adapt_to_numpy2() -> None:
             cls.__hash__ = _hash_of_basis
 
 
+# What e2cnn's R2Conv derives from its weights on entering eval mode, as buffers (see EquivariantCNN.train).
+EXPANDED = ("filter", "expanded_bias")
+
+
+def _drop_expanded(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load pre-hook: checkpoints written before the expanded filters left the state dict."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.rsplit(".", 1)[-1] in EXPANDED]:
+        del state_dict[key]
+
+
 def parse_group(group: str) -> tuple[bool, int]:
     """'C8' → (False, 8), 'D4' → (True, 4); anything else is a config error."""
     match = re.fullmatch(r"([CD])([1-9]\d*)", group)
@@ -97,6 +107,24 @@ class EquivariantCNN(nn.Module):
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), KeyedDropout(dropout), nn.Linear(channels[-1], num_classes)
         )
+        self.register_load_state_dict_pre_hook(_drop_expanded)
+        self._keep_expanded_out_of_state()
+
+    def train(self, mode: bool = True) -> EquivariantCNN:
+        """R2Conv registers its expanded filter as a buffer in eval mode and deletes it in train
+        mode, so the state dict's keys would depend on the mode: a model saved training would not
+        load into one built (which has them), nor the other way round. They are derived from the
+        weights, so they stay out of the state dict, as non-persistent buffers."""
+        super().train(mode)
+        self._keep_expanded_out_of_state()
+        return self
+
+    def _keep_expanded_out_of_state(self) -> None:
+        for module in self.modules():
+            for name in EXPANDED:
+                tensor = module._buffers.get(name)
+                if tensor is not None:
+                    module.register_buffer(name, tensor, persistent=False)
 
     def invariant_maps(self, x: torch.Tensor) -> torch.Tensor:
         y = self.geometric_tensor(x, self.in_type)
