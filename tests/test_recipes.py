@@ -16,8 +16,9 @@ from galaxydist import evaluate, train
 from galaxydist.config import StageConfig
 from galaxydist.data.augment import BatchTransform, swap_permutation
 from galaxydist.data.dataset import SplitImages
-from galaxydist.data.format import read_prepared
+from galaxydist.data.format import class_weights, read_prepared
 from galaxydist.engine import trainer as trainer_module
+from galaxydist.engine.builders import logit_offsets
 from galaxydist.engine.ema import EMA
 from galaxydist.engine.optim import lr_factor, param_groups
 from galaxydist.engine.step import TrainStep
@@ -209,6 +210,14 @@ def test_logit_adjustment_adds_tau_log_frequency_to_the_logits_of_the_training_l
     assert loss_sum != pytest.approx(
         torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
     )
+
+
+def test_the_offsets_are_tau_log_frequency_up_to_a_constant():
+    counts = np.array([700, 200, 100])
+    weights = class_weights(np.repeat(np.arange(3), counts), 3)
+    offsets = logit_offsets(weights, 0.5, torch.device("cpu")).double()
+    expected = 0.5 * torch.tensor(counts / counts.sum()).log()
+    torch.testing.assert_close(offsets - offsets.mean(), expected - expected.mean())
 
 
 def test_class_weight_power_weights_the_loss_in_training_and_in_evaluate(

@@ -12,6 +12,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -162,6 +163,12 @@ def build_run_model(cfg: Config, info: PreparedInfo) -> tuple[nn.Module, LoadRep
     return model, report
 
 
+def logit_offsets(class_weights: np.ndarray, tau: float, device: torch.device) -> torch.Tensor:
+    """τ·log(training class frequency), for the logit-adjusted loss: the prepared file's weights
+    are N / (K·N_c), so −log(weight) is log frequency plus a constant, which softmax ignores."""
+    return -tau * torch.tensor(class_weights, dtype=torch.float32, device=device).log()
+
+
 def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo, model: nn.Module) -> TrainingParts:
     """The model synchronised and wrapped for the ranks, the loaders, and the run's reporting."""
     device, on_cuda = ctx.device, ctx.device.type == "cuda"
@@ -215,9 +222,7 @@ def build_parts(cfg: Config, ctx: distributed.Context, info: PreparedInfo, model
         class_weights=torch.tensor(
             info.class_weights**cfg.loss.class_weight_power, dtype=torch.float32, device=device
         ),
-        # log frequency = −log(weight) + a constant, which softmax ignores.
-        logit_offsets=-cfg.loss.logit_adjustment
-        * torch.tensor(info.class_weights, dtype=torch.float32, device=device).log(),
+        logit_offsets=logit_offsets(info.class_weights, cfg.loss.logit_adjustment, device),
         make_optimizer=optimizer_factory(cfg.optim, device, cuda_graphs),
         run=run,
         tracker=tracker,
