@@ -121,20 +121,33 @@ def test_tta_with_swap_pairs_gives_an_image_and_its_mirror_swapped_probabilities
     assert np.abs(unswapped - p).max() > 1e-3
 
 
-def test_label_smoothing_enters_the_training_loss():
+def tiny_batch() -> tuple[GalaxyCNN, torch.Tensor, torch.Tensor]:
+    """A seeded one-block CNN and a batch of 4 random 8² images of 3 classes."""
     torch.manual_seed(0)
     model = GalaxyCNN([4], 3, dropout=0.0)
+    return model, torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+
+
+def loss_sum_of_one_step(model, images: torch.Tensor, labels: torch.Tensor, **options: object) -> float:
+    """The weighted loss sum one TrainStep reports (at lr 0: the model stays as it is)."""
     from galaxydist import distributed
 
     ctx = distributed.Context(0, 1, 0, torch.device("cpu"))
     transform = BatchTransform(torch.zeros(3), torch.ones(3), 0.0, 0.0, 0.0, False)
-    images, labels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
-    draws, stop = torch.zeros(4, 3), torch.zeros(1, dtype=torch.float64)
-    sums = {}
-    for smoothing in (0.0, 0.2):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        step = TrainStep(model, optimizer, torch.ones(3), transform, ctx, False, smoothing)
-        sums[smoothing] = step(images, labels, draws, torch.zeros(4, dtype=torch.int64), stop)[1][0].item()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = TrainStep(model, optimizer, torch.ones(3), transform, ctx, False, **options)
+    n = len(labels)
+    draws, keys, stop = (
+        torch.zeros(n, 3),
+        torch.zeros(n, dtype=torch.int64),
+        torch.zeros(1, dtype=torch.float64),
+    )
+    return step(images, labels, draws, keys, stop)[1][0].item()
+
+
+def test_label_smoothing_enters_the_training_loss():
+    model, images, labels = tiny_batch()
+    sums = {s: loss_sum_of_one_step(model, images, labels, label_smoothing=s) for s in (0.0, 0.2)}
     logits = model(images.float() / 255)
     expected = torch.nn.functional.cross_entropy(logits, labels, reduction="sum", label_smoothing=0.2).item()
     assert sums[0.2] == pytest.approx(expected, rel=1e-5) and sums[0.2] != pytest.approx(sums[0.0])
@@ -187,23 +200,9 @@ def test_a_run_trains_with_its_configured_ema_label_smoothing_and_logit_adjustme
 
 
 def test_logit_adjustment_adds_tau_log_frequency_to_the_logits_of_the_training_loss():
-    torch.manual_seed(0)
-    model = GalaxyCNN([4], 3, dropout=0.0)
-    from galaxydist import distributed
-
-    ctx = distributed.Context(0, 1, 0, torch.device("cpu"))
-    transform = BatchTransform(torch.zeros(3), torch.ones(3), 0.0, 0.0, 0.0, False)
-    images, labels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
-    frequency = torch.tensor([0.7, 0.2, 0.1])
-    offsets = 0.5 * frequency.log()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    step = TrainStep(model, optimizer, torch.ones(3), transform, ctx, False, logit_offsets=offsets)
-    draws, keys, stop = (
-        torch.zeros(4, 3),
-        torch.zeros(4, dtype=torch.int64),
-        torch.zeros(1, dtype=torch.float64),
-    )
-    loss_sum = step(images, labels, draws, keys, stop)[1][0].item()
+    model, images, labels = tiny_batch()
+    offsets = 0.5 * torch.tensor([0.7, 0.2, 0.1]).log()
+    loss_sum = loss_sum_of_one_step(model, images, labels, logit_offsets=offsets)
     logits = model(images.float() / 255)
     expected = torch.nn.functional.cross_entropy(logits + offsets, labels, reduction="sum").item()
     assert loss_sum == pytest.approx(expected, rel=1e-5)
