@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,19 +263,25 @@ def in_process(overrides: list[str], monkeypatch, stop_after: int | None = None)
         monkeypatch.setattr(TrainStep, "__call__", TrainStep.__call__)
 
 
+def straight_and_stopped(tiny_prepared, tmp_path, monkeypatch, extra: dict) -> tuple[Path, Path, dict]:
+    """A run straight through, and the same run stopped 5 steps into its second epoch: the two
+    folders and the stopped run's last.pt."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert in_process(tiny_overrides(tiny_prepared, straight, **extra), monkeypatch) == 0
+    steps = 420 // 32  # tiny_prepared's training split at batch 32
+    with monkeypatch.context() as patch:
+        args = tiny_overrides(tiny_prepared, resumed, **extra)
+        assert in_process(args, patch, stop_after=steps + 5) == train.EXIT_INTERRUPTED
+    return straight, resumed, torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+
+
 def test_a_run_with_every_feature_resumed_mid_epoch_ends_like_an_uninterrupted_one(
     tiny_prepared, tmp_path, monkeypatch, capsys
 ):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert in_process(tiny_overrides(tiny_prepared, straight, **EVERY_FEATURE), monkeypatch) == 0
-    args = tiny_overrides(tiny_prepared, resumed, **EVERY_FEATURE)
-    steps = 420 // 32  # tiny_prepared's training split at batch 32
-    with monkeypatch.context() as patch:
-        assert in_process(args, patch, stop_after=steps + 5) == train.EXIT_INTERRUPTED
-    stopped = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    straight, resumed, stopped = straight_and_stopped(tiny_prepared, tmp_path, monkeypatch, EVERY_FEATURE)
     assert stopped["position"]["epoch"] == 1 and stopped["position"]["step"] == 6  # mid-epoch
     assert "ema" in stopped
-    assert in_process(args, monkeypatch) == 0
+    assert in_process(tiny_overrides(tiny_prepared, resumed, **EVERY_FEATURE), monkeypatch) == 0
     assert "resuming from" in capsys.readouterr().out
     a, b = (
         torch.load(straight / "checkpoints" / "last.pt", weights_only=True),
@@ -310,15 +317,9 @@ def test_an_e2cnn_run_with_ema_resumed_mid_epoch_in_its_second_stage_ends_like_a
         "loss.logit_adjustment": 0.5,
         "stages": "[{name: a, lr: 0.003, max_epochs: 1, patience: 9}, {name: b, lr: 0.001, max_epochs: 1, patience: 9}]",
     }
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert in_process(tiny_overrides(tiny_prepared, straight, **extra), monkeypatch) == 0
-    args = tiny_overrides(tiny_prepared, resumed, **extra)
-    steps = 420 // 32  # tiny_prepared's training split at batch 32
-    with monkeypatch.context() as patch:
-        assert in_process(args, patch, stop_after=steps + 5) == train.EXIT_INTERRUPTED
-    stopped = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    straight, resumed, stopped = straight_and_stopped(tiny_prepared, tmp_path, monkeypatch, extra)
     assert (stopped["position"]["stage"], stopped["position"]["step"]) == (1, 6)
-    assert in_process(args, monkeypatch) == 0
+    assert in_process(tiny_overrides(tiny_prepared, resumed, **extra), monkeypatch) == 0
     assert "resuming from" in capsys.readouterr().out
     a, b = (torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in (straight, resumed))
     for part in ("model", "ema"):
