@@ -57,6 +57,13 @@ def submit(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def preempt(jid: str) -> None:
+    """What a preemption sends a running job: SIGTERM to every task. Not submitit's `_interrupt`
+    (SIGTERM, then USR2): training requeues on the SIGTERM alone, and scancel retries the USR2
+    while the job is in transition, so it lands on the requeued job as it starts, a second requeue."""
+    subprocess.run(["scancel", "--signal=TERM", jid], check=True, timeout=30)
+
+
 def job_id(stdout: str) -> str:
     match = re.search(r"^job id:\s+(\d+)$", stdout, re.M)
     assert match, stdout
@@ -103,12 +110,13 @@ def test_preempted_job_requeues_and_resumes(tmp_path, tiny_prepared, slurm_run):
     assert proc.returncode == 0, proc.stderr
     job = submitit.SlurmJob(folder=out / "slurm", job_id=job_id(proc.stdout), tasks=(0, 1))
     wait_for_epochs(out, 1, JOB_TIMEOUT_S)
-    job._interrupt()  # what a preemption sends: SIGTERM, then submitit's USR2
+    preempt(job.job_id)
     wait_for(job.done, JOB_TIMEOUT_S, "the requeued job to finish")
     assert job.results() == [0, 0]
 
     log = job.paths.stdout.read_text()
     assert "Requeued job" in log, f"training ended before the interrupt landed:\n{log[-2000:]}"
+    assert log.count("Requeued job") == 1, log[-2000:]
     assert re.search(r"resuming from .*last\.pt", log), log[-2000:]
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == list(range(EPOCHS))  # none redone, none missing
@@ -289,15 +297,16 @@ def test_sweep_is_one_job_array_with_a_failure_listed_and_a_preempted_task_reque
     assert len({jid.split("_")[0] for jid in jobs.values()}) == 1  # one array
     wait_for_epochs(sweep / preempted, 1, JOB_TIMEOUT_S)
     task = submitit.SlurmJob(folder=sweep / "slurm", job_id=jobs[preempted], tasks=(0, 1))
-    task._interrupt()  # what a preemption sends: SIGTERM, then submitit's USR2
+    preempt(jobs[preempted])
     stdout, stderr = proc.communicate(timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 1, stdout[-2000:] + stderr[-2000:]
-    assert "3 of 4 tasks completed" in stdout
+    assert "3 of 4 tasks completed" in stdout, stdout[-2000:] + stderr[-2000:]
     assert f"failed: {failing}" in stderr
     done = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
     assert done == sorted(set(jobs) - {failing})
     log = task.paths.stdout.read_text()
     assert "Requeued job" in log, f"the task ended before the interrupt landed:\n{log[-2000:]}"
+    assert log.count("Requeued job") == 1, log[-2000:]
     assert re.search(r"resuming from .*last\.pt", log), log[-2000:]
     assert [r["epoch"] for r in read_metrics(sweep / preempted)] == list(range(30))  # none redone or lost
     result = subprocess.run(
