@@ -1,10 +1,13 @@
 """Compare runs: a table with one row per setting (mean ± std and n over seeds) and a picture.
 
     python -m galaxydist.report SWEEP_OR_RUN_DIRS... [--out DIR]
+    python -m galaxydist.report --row LABEL DIRS... [--row LABEL DIRS...]... [--out DIR]
 
 Each folder is a run folder (it holds summary.json), a sweep folder (sweep.json lists its tasks,
 with the failed ones), or any folder of run folders. A setting is what differs between the
 runs' configs apart from seed, output_dir and tracking; runs of one setting are its seeds.
+`--row` names the rows instead, for runs that differ in too much to be named by the keys (one
+family against another): the runs of a row must share one setting, and are its seeds.
 Writes report.md, report.csv and report.png (default: in the first folder given).
 """
 
@@ -111,17 +114,36 @@ def collect(folders: list[Path]) -> tuple[list[Run], list[tuple[str, str]]]:
     return runs, failed
 
 
-def setting_of(run: Run, varying: list[str]) -> str:
-    return ", ".join(f"{key}={run.config.get(key)}" for key in varying) or "(one setting)"
-
-
-def compare(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per setting: n, and mean and std over its runs of every metric."""
+def varying_keys(runs: list[Run]) -> list[str]:
+    """The config keys (apart from seed, output_dir and tracking) whose value differs between runs."""
     keys = sorted({k for r in runs for k in r.config if not k.startswith(IGNORED)})
-    varying = [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+    return [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+
+
+def by_setting(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by setting, each named by its values of the keys that vary."""
+    varying = varying_keys(runs)
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(setting_of(run, varying), []).append(run)
+        setting = ", ".join(f"{key}={run.config.get(key)}" for key in varying) or "(one setting)"
+        groups.setdefault(setting, []).append(run)
+    return groups
+
+
+def check_one_setting(label: str, runs: list[Run]) -> None:
+    """A named row's runs must be seeds of one setting: a mean over different recipes misleads."""
+    differing = varying_keys(runs)
+    if differing:
+        key = differing[0]
+        values = sorted({str(r.config.get(key)) for r in runs})
+        raise UserError(
+            f"--row {label!r}: its runs differ in config key '{key}' ({' vs '.join(values[:2])}); "
+            "give each setting its own row"
+        )
+
+
+def compare(groups: dict[str, list[Run]]) -> list[dict[str, Any]]:
+    """One row per group: n, and mean and std over its runs of every metric."""
     rows = []
     for setting, members in groups.items():
         row: dict[str, Any] = {
@@ -170,13 +192,37 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m galaxydist.report", description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path, metavar="SWEEP_OR_RUN_DIR")
+    parser.add_argument("folders", nargs="*", type=Path, metavar="SWEEP_OR_RUN_DIR")
+    parser.add_argument(
+        "--row",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("LABEL", "DIR"),
+        help="a row named LABEL: the runs under the folders after it (repeat for each row)",
+    )
     parser.add_argument("--out", type=Path, help="where report.md/.csv/.png go (default: the first folder)")
     args = parser.parse_args(argv)
-    runs, failed = collect(args.folders)
-    out = args.out or args.folders[0]
+    if bool(args.folders) == bool(args.row):
+        raise UserError("give either folders, or --row LABEL DIR... once per row (not both)")
+    for row in args.row:
+        if len(row) < 2:
+            raise UserError(f"--row {row[0]!r}: no folder after the label")
+    groups: dict[str, list[Run]] = {}
+    failed: list[tuple[str, str]] = []
+    if args.folders:
+        runs, failed = collect(args.folders)
+        groups = by_setting(runs)
+    for label, *folders in args.row:
+        if label in groups:
+            raise UserError(f"--row {label!r} is given twice; give each row one label")
+        runs, row_failed = collect([Path(f) for f in folders])
+        check_one_setting(label, runs)
+        groups[label] = runs
+        failed += [(f"{label}: {name}", why) for name, why in row_failed]
+    out = args.out or (args.folders[0] if args.folders else Path(args.row[0][1]))
     check_can_create(out / "report.md")
-    rows = compare(runs)
+    rows = compare(groups)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, failed)
     with atomic_path(out / "report.md") as tmp:
@@ -191,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "report.png",
     )
     print(table.rstrip())
-    print(f"{len(runs)} runs, {len(rows)} settings — report in {out}")
+    print(f"{sum(r['n'] for r in rows)} runs, {len(rows)} settings — report in {out}")
     return 0
 
 

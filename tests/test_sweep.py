@@ -109,21 +109,31 @@ def test_bad_sweep_is_one_line_exit_2_nothing_submitted(tiny_prepared, tmp_path,
 
 
 def test_report_compares_ordinary_run_folders_too(tiny_prepared, tmp_path):
+    """Named by the keys that differ, or by --row labels (a row's runs are seeds of one setting)."""
     from conftest import run_train
 
-    for name, dropout in (("a", 0.0), ("b", 0.2)):
-        result = run_train(
-            0,
-            tiny_overrides(
-                tiny_prepared, tmp_path / name, **{"model.dropout": dropout, "stages": TWO_EPOCHS}
-            ),
-        )
+    for name, dropout, seed in (("a", 0.0, 0), ("a1", 0.0, 1), ("b", 0.2, 0)):
+        overrides = {"model.dropout": dropout, "seed": seed, "stages": TWO_EPOCHS}
+        result = run_train(0, tiny_overrides(tiny_prepared, tmp_path / name, **overrides))
         assert result.returncode == 0, result.stderr[-2000:]
+    a, a1, b = (str(tmp_path / name) for name in ("a", "a1", "b"))
     out = tmp_path / "cmp"
-    result = report(str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out))
+    result = report(a, a1, b, "--out", str(out))
     assert result.returncode == 0, result.stderr
     table = (out / "report.md").read_text()
-    assert "| model.dropout=0.0 | 1 |" in table and "| model.dropout=0.2 | 1 |" in table
+    assert "| model.dropout=0.0 | 2 |" in table and "| model.dropout=0.2 | 1 |" in table
+
+    result = report("--row", "no dropout", a, a1, "--row", "dropout 0.2", b, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ")[:2] for line in (out / "report.md").read_text().splitlines()[2:]]
+    assert rows == [["| no dropout", "2"], ["| dropout 0.2", "1"]]
+
+    mixed = report("--row", "mixed", a, b)
+    assert mixed.returncode == 2 and mixed.stderr.count("\n") == 1, mixed.stderr
+    assert "--row 'mixed': its runs differ in config key 'model.dropout' (0.0 vs 0.2)" in mixed.stderr
+    assert not (tmp_path / "a" / "report.md").exists()
+    both = report(a, "--row", "x", b)
+    assert both.returncode == 2 and "not both" in both.stderr
 
 
 def test_report_of_a_folder_without_runs_is_one_line_exit_2(tmp_path):
