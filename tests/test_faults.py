@@ -45,9 +45,11 @@ def test_kill_9_of_one_worker_restarts_and_ends_like_an_undisturbed_run(
     victim.kill()
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    # The restarted group resumed from last.pt (at an epoch start) rather than training afresh.
+    # The restarted group resumed from last.pt (at an epoch start) rather than training afresh. An
+    # epoch's metrics line is written before its last.pt, so the kill may land between the two:
+    # then the group resumes at the start of the second epoch and redoes it.
     resumed = re.search(r"resuming from \S+last\.pt at stage 0 epoch (\d+) step 0", stdout)
-    assert resumed and int(resumed.group(1)) >= 2, stdout[-2000:]
+    assert resumed and int(resumed.group(1)) >= 1, stdout[-2000:]
     assert_same_run(reference_run, run)
 
 

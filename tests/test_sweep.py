@@ -134,6 +134,8 @@ def test_report_compares_ordinary_run_folders_too(tiny_prepared, tmp_path):
     assert not (tmp_path / "a" / "report.md").exists()
     both = report(a, "--row", "x", b)
     assert both.returncode == 2 and "not both" in both.stderr
+    twice = report("--row", "x", a, "--row", "y", a1, a)
+    assert twice.returncode == 2 and f"--row 'y': {a} is in an earlier row too" in twice.stderr
 
 
 def test_report_of_a_folder_without_runs_is_one_line_exit_2(tmp_path):
