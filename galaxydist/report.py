@@ -213,14 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.folders:
         runs, failed = collect(args.folders)
         groups = by_setting(runs)
+    seen: set[Path] = set()
     for label, *folders in args.row:
         if label in groups:
             raise UserError(f"two rows are labelled {label!r}; give each row its own label")
         runs, row_failed = collect([Path(f) for f in folders])
         check_one_setting(label, runs)
         for run in runs:
-            if any(run.folder.resolve() == r.folder.resolve() for rs in groups.values() for r in rs):
+            if run.folder.resolve() in seen:
                 raise UserError(f"--row {label!r}: {run.folder} is in an earlier row too; give each run once")
+            seen.add(run.folder.resolve())
         groups[label] = runs
         failed += [(f"{label}: {name}", why) for name, why in row_failed]
     out = args.out or (args.folders[0] if args.folders else Path(args.row[0][1]))
