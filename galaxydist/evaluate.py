@@ -1,14 +1,17 @@
 """Evaluate a trained model on one split of a prepared file and write its report.
 
     python -m galaxydist.evaluate RUN_DIR_or_CHECKPOINT [--split test|val] [--data PREPARED.h5] [--tta]
-        [--gallery K] [--out DIR]
+        [--gallery K] [--prior-shift DELTA] [--out DIR]
 
 A run folder means its checkpoints/best.pt. The data default to the checkpoint's own
 `data.path`; the report (per_class.csv/.md, confusion_<split>.png, summary.json) goes to
 `<run>/eval_<split>/`. `--tta` also averages the softmax over the 8 symmetries of the square
 (4 rotations × optional mirror flip) and reports plain and TTA numbers side by side. `--gallery K`
 draws gallery_<split>.png: per true class its K most confident right and K most confident wrong
-predictions. One process; the GPU when there is one.
+predictions. `--prior-shift DELTA` decides on the probabilities divided by the training split's
+class frequencies to the power DELTA (renormalised): > 0 leans to the rare classes, < 0 to the
+common ones, the post-hoc form of the training loss's logit adjustment; its report goes to
+`eval_<split>_shift<DELTA>/`. One process; the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ def side_by_side(plain: dict[str, Any], tta: dict[str, Any], class_names: Sequen
     return "\n".join(lines)
 
 
+def shift_prior(probs: np.ndarray, class_weights: np.ndarray, delta: float) -> np.ndarray:
+    """p · π^−δ, renormalised, with π the training class frequencies: the prepared file's class
+    weights are N / (K·N_c), proportional to 1/π, so this is p · weight^δ."""
+    shifted = probs.astype(np.float64) * class_weights**delta
+    return shifted / shifted.sum(1, keepdims=True)
+
+
 def evaluate(
     target: str | Path,
     split: str = "test",
@@ -55,12 +65,15 @@ def evaluate(
     tta: bool = False,
     out: str | None = None,
     gallery: int = 0,
+    prior_shift: float = 0.0,
 ) -> dict[str, Any]:
     """Evaluate, write the report folder, and return its summary."""
     if split not in ("test", "val"):
         raise UserError(f"unknown split {split!r}; choose test or val")
     if gallery < 0:
         raise UserError(f"--gallery: must be >= 0 images per class, got {gallery}")
+    if not np.isfinite(prior_shift):
+        raise UserError(f"--prior-shift: must be a finite number, got {prior_shift}")
     model, meta = load_model(target)
     if data is None:
         data = meta.config["data"]["path"]
@@ -68,7 +81,8 @@ def evaluate(
             raise UserError(f"{data}: the checkpoint's data.path is not here; pass --data PREPARED.h5")
     info = read_prepared(data)
     check_compatible(meta, info)
-    folder = Path(out) if out else meta.run_dir / f"eval_{split}"
+    shifted = f"_shift{prior_shift:+g}" if prior_shift else ""
+    folder = Path(out) if out else meta.run_dir / f"eval_{split}{shifted}"
     check_can_create(folder / "summary.json")
     images, labels = SplitImages(info, split), info.labels[info.splits[split]]
     runs = {"plain": False, "tta": True} if tta else {"plain": False}
@@ -85,6 +99,8 @@ def evaluate(
         )
         for name, use_tta in runs.items()
     }
+    if prior_shift:
+        probs = {name: shift_prior(p, info.class_weights, prior_shift) for name, p in probs.items()}
     weights = info.class_weights**meta.class_weight_power
     results = {name: scores(p, labels, weights, meta.class_names) for name, p in probs.items()}
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,6 +132,7 @@ def evaluate(
         "data": str(info.path),
         "split": split,
         "images": len(labels),
+        "prior_shift": prior_shift,
         "class_names": list(meta.class_names),
         **results,
     }
@@ -151,9 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K",
         help="draw gallery_<split>.png: per class the K most confident right and wrong predictions",
     )
-    parser.add_argument("--out", help="report folder (default: <run>/eval_<split>)")
+    parser.add_argument(
+        "--prior-shift",
+        type=float,
+        default=0.0,
+        metavar="DELTA",
+        help="decide on p / (training class frequency)^DELTA: > 0 favours rare classes, < 0 common ones",
+    )
+    parser.add_argument("--out", help="report folder (default: <run>/eval_<split>[_shift<DELTA>])")
     args = parser.parse_args(argv)
-    summary = evaluate(args.target, args.split, args.data, args.tta, args.out, args.gallery)
+    summary = evaluate(args.target, args.split, args.data, args.tta, args.out, args.gallery, args.prior_shift)
     plain = summary["plain"]
     names = summary["class_names"]
     if args.tta:

@@ -87,6 +87,34 @@ def test_evaluate_a_checkpoint_file_on_val_writes_beside_its_run(trained_run, tm
     assert report["plain"]["accuracy"] == trained["val_accuracy"]
 
 
+def test_prior_shift_leans_to_rare_or_common_classes_in_a_report_of_its_own(
+    trained_run, tiny_prepared, tmp_path
+):
+    best = tmp_path / "copy" / "checkpoints" / "best.pt"
+    best.parent.mkdir(parents=True)
+    shutil.copy(trained_run.run / "checkpoints" / "best.pt", best)
+    weights = read_prepared(tiny_prepared).class_weights  # ∝ 1 / training frequency
+    rarest, commonest = {int(weights.argmax())}, set(np.flatnonzero(weights == weights.min()).tolist())
+    plain = evaluate.evaluate(best)
+    plain_predicted = set(np.asarray(plain["plain"]["confusion"]).sum(0).nonzero()[0].tolist())
+    assert plain_predicted - rarest - commonest  # unshifted, it predicts other classes too
+    for delta, only in ((200.0, rarest), (-200.0, commonest)):
+        report = evaluate.evaluate(best, prior_shift=delta)
+        folder = tmp_path / "copy" / f"eval_test_shift{delta:+g}"
+        assert (
+            report["folder"] == str(folder)
+            and json.loads((folder / "summary.json").read_text())["prior_shift"] == delta
+        )
+        predicted = np.asarray(report["plain"]["confusion"]).sum(0)
+        assert set(predicted.nonzero()[0].tolist()) <= only and predicted.sum() == report["images"]
+    assert (
+        json.loads((tmp_path / "copy" / "eval_test" / "summary.json").read_text())["plain"] == plain["plain"]
+    )
+    rare = int(weights.argmax())
+    mild = evaluate.evaluate(best, prior_shift=0.5)["plain"]["per_class_accuracy"]
+    assert mild[rare] >= plain["plain"]["per_class_accuracy"][rare]
+
+
 def test_evaluate_without_matplotlib_writes_the_numbers_and_warns_once(trained_run, tmp_path):
     """matplotlib missing or broken (a minimal GPU image): the report is complete but for the PNGs,
     one warning says so, and the command succeeds. It used to fail after all the work was done."""
@@ -215,6 +243,7 @@ def test_bad_inputs_exit_2_with_one_line(trained_run, tiny_prepared, raw_small, 
         (evaluate.main, [str(five), "--data", str(tiny_prepared)], "a 5-class model, but"),
         (evaluate.main, [str(best), "--data", str(small)], "trained on 32×32 images"),
         (evaluate.main, [str(best), "--data", str(tmp_path / "nope.h5")], "not found"),
+        (evaluate.main, [str(best), "--prior-shift", "nan"], "--prior-shift: must be a finite number"),
         (predict.main, [str(tmp_path / "missing.pt"), str(notes)], "checkpoint not found"),
         (predict.main, [str(best), str(notes)], "not an image Pillow can read"),
         (predict.main, [str(best), str(tmp_path / "nope.png")], "input not found"),
