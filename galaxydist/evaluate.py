@@ -53,8 +53,11 @@ def side_by_side(plain: dict[str, Any], tta: dict[str, Any], class_names: Sequen
 
 def shift_prior(probs: np.ndarray, class_weights: np.ndarray, delta: float) -> np.ndarray:
     """p · π^−δ, renormalised, with π the training class frequencies: the prepared file's class
-    weights are N / (K·N_c), proportional to 1/π, so this is p · weight^δ."""
-    shifted = probs.astype(np.float64) * class_weights**delta
+    weights are N / (K·N_c), proportional to 1/π, so this is p · weight^δ (in logs, so that no
+    δ overflows)."""
+    with np.errstate(divide="ignore"):
+        logits = np.log(probs.astype(np.float64)) + delta * np.log(class_weights)
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
     return shifted / shifted.sum(1, keepdims=True)
 
 
