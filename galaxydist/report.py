@@ -220,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         runs, row_failed = collect([Path(f) for f in folders])
         check_one_setting(label, runs)
         for run in runs:
-            if run.folder.resolve() in seen:
+            folder = run.folder.resolve()
+            if folder in seen:
                 raise UserError(f"--row {label!r}: {run.folder} is in an earlier row too; give each run once")
-            seen.add(run.folder.resolve())
+            seen.add(folder)
         groups[label] = runs
         failed += [(f"{label}: {name}", why) for name, why in row_failed]
     out = args.out or (args.folders[0] if args.folders else Path(args.row[0][1]))

@@ -94,7 +94,8 @@ def test_prior_shift_leans_to_rare_or_common_classes_in_a_report_of_its_own(
     best.parent.mkdir(parents=True)
     shutil.copy(trained_run.run / "checkpoints" / "best.pt", best)
     weights = read_prepared(tiny_prepared).class_weights  # ∝ 1 / training frequency
-    rarest, commonest = {int(weights.argmax())}, set(np.flatnonzero(weights == weights.min()).tolist())
+    rare = int(weights.argmax())
+    rarest, commonest = {rare}, set(np.flatnonzero(weights == weights.min()).tolist())
     plain = evaluate.evaluate(best)
     plain_predicted = set(np.asarray(plain["plain"]["confusion"]).sum(0).nonzero()[0].tolist())
     assert plain_predicted - rarest - commonest  # unshifted, it predicts other classes too
@@ -110,7 +111,6 @@ def test_prior_shift_leans_to_rare_or_common_classes_in_a_report_of_its_own(
     assert (
         json.loads((tmp_path / "copy" / "eval_test" / "summary.json").read_text())["plain"] == plain["plain"]
     )
-    rare = int(weights.argmax())
     mild = evaluate.evaluate(best, prior_shift=0.5)["plain"]["per_class_accuracy"]
     assert mild[rare] >= plain["plain"]["per_class_accuracy"][rare]
 
