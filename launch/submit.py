@@ -69,11 +69,24 @@ class Requeueable:
         return submitit.helpers.DelayedSubmission(self)
 
 
+def rendezvous_port(environ: dict[str, str]) -> int:
+    """RDZV_PORT, or 29500 + job id mod 1000, as slurm/train.sbatch picks it: below Linux's
+    ephemeral range (32768-60999), where submitit's own pick (20000-60000) can find a port an
+    outgoing connection holds (EADDRINUSE), and distinct for concurrent jobs on one node."""
+    if environ.get("RDZV_PORT"):
+        if not environ["RDZV_PORT"].isdigit() or not 0 < int(environ["RDZV_PORT"]) < 65536:
+            raise UserError(f"RDZV_PORT={environ['RDZV_PORT']!r} is not a port number (1-65535)")
+        return int(environ["RDZV_PORT"])
+    return 29500 + int(environ["SLURM_JOB_ID"]) % 1000
+
+
 def export_distributed_environment() -> None:
     """The torch.distributed variables torchrun would set, from SLURM's. CUDA_VISIBLE_DEVICES stays
-    as SLURM set it: galaxydist selects cuda:LOCAL_RANK, as under torchrun."""
+    as SLURM set it: galaxydist selects cuda:LOCAL_RANK, as under torchrun. A MASTER_PORT the job
+    inherited from the submitting shell is replaced (submitit would keep it)."""
     import submitit
 
+    os.environ["MASTER_PORT"] = str(rendezvous_port(dict(os.environ)))
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 

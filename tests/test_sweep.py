@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, read_metrics, tiny_overrides
 
+from galaxydist.errors import UserError
 from galaxydist.models.cnn import GalaxyCNN
 from galaxydist.sweep import parse_sweeps, split_values
 
@@ -143,10 +145,38 @@ def test_report_of_a_folder_without_runs_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2 and "no finished run" in result.stderr
 
 
-def test_submit_splits_off_the_infer_command_line():
+def load_submit():
     spec = importlib.util.spec_from_file_location("submit", ROOT / "launch" / "submit.py")
     submit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(submit)
+    return submit
+
+
+def test_submitted_ranks_meet_on_a_port_below_the_ephemeral_range(monkeypatch):
+    """submitit alone would pick 20000-60000 from the job id: job 1 got 51342, which an outgoing
+    connection held once (EADDRINUSE). The port slurm/train.sbatch uses instead, unless RDZV_PORT."""
+    submit = load_submit()
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {submit.rendezvous_port({"SLURM_JOB_ID": str(job)}) for job in range(1, 1001)}
+    assert len(ports) == 1000 and max(ports) < ephemeral_low  # concurrent jobs differ; none ephemeral
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "MASTER_PORT": "51342",
+             "SUBMITIT_EXECUTOR": "slurm"}  # fmt: skip
+    exported = ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    for name, value in {**dict.fromkeys(exported, ""), **slurm}.items():
+        monkeypatch.setenv(name, value)  # so that the ones export() writes are undone too
+    submit.export_distributed_environment()
+    assert os.environ["MASTER_PORT"] == "29501"  # what train.sbatch says for job 1; the inherited one goes
+    monkeypatch.setenv("RDZV_PORT", "40000")
+    submit.export_distributed_environment()
+    assert os.environ["MASTER_PORT"] == "40000"
+    monkeypatch.setenv("RDZV_PORT", "4e4")
+    with pytest.raises(UserError, match="RDZV_PORT='4e4' is not a port number"):
+        submit.export_distributed_environment()
+
+
+def test_submit_splits_off_the_infer_command_line():
+    submit = load_submit()
     parser = submit.build_parser()
     with_value = {o for a in parser._actions for o in a.option_strings if a.nargs != 0 and o.startswith("--")}
     assert with_value == {f"--{name}" for name in submit.VALUE_OPTIONS}  # the list follows the parser
