@@ -6,22 +6,40 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import read_metrics, tiny_overrides
 from test_recipes import in_process
 from test_train import assert_same_state
 
-from galaxydist import checkpoint, train
+from galaxydist import train
 from galaxydist.engine.trainer import Evaluation, Trainer
 from galaxydist.metrics import accuracy
 
-# Measured on the tiny synthetic set: with these settings stage "a" peaks before its last epoch
-# (seed 0). The test checks that premise first, so that a change of arithmetic shows up as such,
-# not as a pass.
 TWO_STAGES = (
     "[{name: a, lr: 0.01, max_epochs: 6, patience: 9}, {name: b, lr: 0.001, max_epochs: 3, patience: 9}]"
 )
 STEPS = 420 // 32  # optimiser steps per epoch of tiny_prepared at batch 32
+
+
+def script_validation(patch: pytest.MonkeyPatch, script: list[tuple[int, int]]) -> list[dict]:
+    """Training stays real; the validation confusion matrix the trainer sees after epoch i is a
+    two-class one with script[i] = (right of 90, right of 10), so that which epoch is best does not
+    hang on the CPU's float rounding. Returns the weights each scripted score was given to."""
+    original, evaluated = Trainer.evaluate, []
+
+    def scripted(self, split, full_precision=False):
+        real = original(self, split, full_precision)
+        if split != "val" or full_precision:  # the end-of-run evaluations stay real
+            return real
+        right_of_90, right_of_10 = script[len(evaluated)]
+        evaluated.append({k: v.clone() for k, v in self.eval_model.state_dict().items()})
+        cm = np.zeros_like(real.confusion)
+        cm[0, 0], cm[0, 1], cm[1, 1], cm[1, 0] = right_of_90, 90 - right_of_90, right_of_10, 10 - right_of_10
+        return Evaluation(real.loss, accuracy(cm), cm)
+
+    patch.setattr(Trainer, "evaluate", scripted)
+    return evaluated
 
 
 def test_the_second_stage_starts_from_the_best_weights_not_the_last(
@@ -33,20 +51,17 @@ def test_the_second_stage_starts_from_the_best_weights_not_the_last(
 
     def recording(self, stage, saved_state=None):
         if saved_state is None:
-            best = self.run.checkpoints / "best.pt"
-            starts[stage.name] = (
-                {k: v.clone() for k, v in self.model.state_dict().items()},
-                checkpoint.load(best)["model"] if best.exists() else None,
-            )
+            starts[stage.name] = {k: v.clone() for k, v in self.model.state_dict().items()}
         return original(self, stage, saved_state)
 
     monkeypatch.setattr(Trainer, "start_stage", recording)
+    stage_a = [(50, 2), (60, 3), (85, 8), (70, 5), (72, 5), (74, 5)]  # accuracy peaks at epoch 3 of 6
+    evaluated = script_validation(monkeypatch, [*stage_a, (60, 5), (60, 5), (60, 5)])
     assert in_process(tiny_overrides(tiny_prepared, run, stages=TWO_STAGES), monkeypatch) == 0
-    records = read_metrics(run)
-    stage_a = [r["val_acc"] for r in records if r["stage"] == "a"]
-    assert len(stage_a) == 6 and stage_a.index(max(stage_a)) < 5  # premise: best is not the last
-    weights, best = starts["b"]
-    assert_same_state(weights, best, rtol=0, atol=0)  # stage b began from best.pt
+    assert [r["val_acc"] for r in read_metrics(run)][:6] == [(a + b) / 100 for a, b in stage_a]
+    assert_same_state(starts["b"], evaluated[2], rtol=0, atol=0)  # stage b began from epoch 3's weights
+    with pytest.raises(AssertionError):
+        assert_same_state(starts["b"], evaluated[5], rtol=0, atol=0)  # not from stage a's last
 
 
 def test_a_stop_in_the_second_stage_resumes_exactly(tiny_prepared, tmp_path, monkeypatch, capsys):
@@ -80,41 +95,20 @@ def stops_where_patience_says(records: list[dict], key: str, patience: int, max_
     return max_epochs
 
 
-# Validation scores the trainer is shown, one (right of 90, right of 10) pair per epoch for a
-# two-class confusion matrix: accuracy peaks at epoch 2 (0.81), balanced accuracy at epoch 5
-# (0.756), so with patience 3 selecting on accuracy stops after 5 epochs and on balanced after 8.
+# Accuracy peaks at epoch 2 (0.81), balanced accuracy at epoch 5 (0.756): with patience 3,
+# selecting on accuracy stops after 5 epochs, on balanced accuracy after 8.
 SCRIPTED_VAL = [(50, 2), (80, 1), (70, 5), (60, 7), (55, 9), (75, 3), (65, 6), (60, 8), (50, 5), (50, 5)]
 
 
 def test_select_on_balanced_accuracy_picks_its_own_best_epoch_and_stopping_epoch(
     tiny_prepared, tmp_path, monkeypatch, capsys
 ):
-    """Real training; only the validation confusion matrix the trainer sees is scripted, so that
-    the two scores peak at different epochs whatever the CPU's float rounding."""
     stages = "[{name: a, lr: 0.01, max_epochs: 10, patience: 3}]"
-    original = Trainer.evaluate
 
     def train_selecting(select: str) -> tuple[Path, list[dict], list[dict]]:
-        evaluated: list[dict] = []  # the weights each scripted score belongs to
-
-        def scripted(self, split, full_precision=False):
-            real = original(self, split, full_precision)
-            if split != "val" or full_precision:
-                return real
-            right_of_90, right_of_10 = SCRIPTED_VAL[len(evaluated)]
-            evaluated.append({k: v.clone() for k, v in self.eval_model.state_dict().items()})
-            cm = np.zeros_like(real.confusion)
-            cm[0, 0], cm[0, 1], cm[1, 1], cm[1, 0] = (
-                right_of_90,
-                90 - right_of_90,
-                right_of_10,
-                10 - right_of_10,
-            )
-            return Evaluation(real.loss, accuracy(cm), cm)
-
         run = tmp_path / select
         with monkeypatch.context() as patch:
-            patch.setattr(Trainer, "evaluate", scripted)
+            evaluated = script_validation(patch, SCRIPTED_VAL)
             overrides = tiny_overrides(tiny_prepared, run, seed=1, select_on=select, stages=stages)
             assert in_process(overrides, patch) == 0
         return run, read_metrics(run), evaluated
