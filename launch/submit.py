@@ -31,7 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +69,16 @@ class Requeueable:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def rendezvous_port(environ: dict[str, str]) -> int:
+def rendezvous_port(environ: Mapping[str, str]) -> int:
     """RDZV_PORT, or 29500 + job id mod 1000, as slurm/train.sbatch picks it: below Linux's
     ephemeral range (32768-60999), where submitit's own pick (20000-60000) can find a port an
     outgoing connection holds (EADDRINUSE), and distinct for concurrent jobs on one node."""
-    if environ.get("RDZV_PORT"):
-        if not environ["RDZV_PORT"].isdigit() or not 0 < int(environ["RDZV_PORT"]) < 65536:
-            raise UserError(f"RDZV_PORT={environ['RDZV_PORT']!r} is not a port number (1-65535)")
-        return int(environ["RDZV_PORT"])
-    return 29500 + int(environ["SLURM_JOB_ID"]) % 1000
+    chosen = environ.get("RDZV_PORT")
+    if not chosen:
+        return 29500 + int(environ["SLURM_JOB_ID"]) % 1000
+    if not chosen.isdigit() or not 0 < int(chosen) < 65536:
+        raise UserError(f"RDZV_PORT={chosen!r} is not a port number (1-65535)")
+    return int(chosen)
 
 
 def export_distributed_environment() -> None:
@@ -86,7 +87,7 @@ def export_distributed_environment() -> None:
     inherited from the submitting shell is replaced (submitit would keep it)."""
     import submitit
 
-    os.environ["MASTER_PORT"] = str(rendezvous_port(dict(os.environ)))
+    os.environ["MASTER_PORT"] = str(rendezvous_port(os.environ))
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
